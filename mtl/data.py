@@ -1,0 +1,723 @@
+"""Readers, validation, download, tokenization and batching for the CS224N multitask data.
+
+The three tasks (SST-5 sentiment, Quora paraphrase, STS similarity) come as tab-separated files
+with a header, a leading unnamed index column, then ``id`` and the task's columns. Each reader
+validates every row itself: a row that cannot be used is skipped and counted by reason in a
+:class:`SkipReport`, never dropped silently and never a crash (the course starter's habit).
+
+Batches are single-task and padded to the longest sequence in the batch. Training batches are
+length-bucketed (:func:`batch_order`), so examples of similar length share a batch and little
+compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import requests
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from mtl.config import DataConfig
+
+logger = logging.getLogger("mtl.data")
+
+TASK_FILES: dict[str, str] = {"sst": "ids-sst", "para": "quora", "sts": "sts"}
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+_SPLIT_SUFFIX = {"train": "train", "dev": "dev", "test": "test-student"}
+_TEXT_COLUMNS = {"sst": ("sentence",), "para": ("sentence1", "sentence2"), "sts": ("sentence1", "sentence2")}
+_LABEL_COLUMN = {"sst": "sentiment", "para": "is_duplicate", "sts": "similarity"}
+# Quora's sentences were quoted once more before the csv writer quoted them again (`"""..."""`):
+# after the csv parse a well-formed field is still `"...""..."""`, and is unquoted once more.
+_QUOTED_TWICE = {"para"}
+# Line numbers kept per skip reason, for the report.
+_MAX_EXAMPLES = 5
+# Batches per bucket: a bucket of batch_size * 50 shuffled examples is sorted by length.
+BUCKET_BATCHES = 50
+
+# The published data: github.com/gpoesia/minbert-default-final-project, folder data/.
+DATA_COMMIT = "7ac8260577fc12a86c7aaf38918056c30054ef39"
+DEFAULT_BASE_URL = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project"
+# sha256 of the published files that we hold a copy of (shared/data/cs224n-original).
+SHA256: dict[str, str] = {
+    "ids-sst-train.csv": "03b2b625c090f94a6afd59f114cde5282e2053aab0b101e87ed695d8a0c5b1df",
+    "ids-sst-dev.csv": "a186ce94577635fbe10beaaddd50f16cccf6c30973221cefdf90deed2a584bfe",
+    "ids-sst-test-student.csv": "bdd5a767faa0c26782117e37767ece154c30d5d04fb8727d09c71e3850a55c7b",
+    "quora-dev.csv": "bfa3cc954a9ba300ae776a980141de65f622a3c1b97e3fd905d63245bc36d5ad",
+    "sts-train.csv": "15d12efc2d656fffb1d61ac1f08ec4227f43925fd16f420c037cbd063699c21b",
+    "sts-dev.csv": "ce3cad6f16062586ac7ba462c28b010a9be10c530fd5074165860d7b7ab4e93d",
+    "sts-test-student.csv": "dee455745b72e9ca3ff74e7c056bd73e34bad5b8d5641045a2c1e7e131866f47",
+}
+# Files without a known checksum are checked for their header columns and a plausible number of
+# data rows (lines after the header). The published sizes are 141,506 and 40,431 pairs.
+MIN_ROWS: dict[str, int] = {"quora-train.csv": 100_000, "quora-test-student.csv": 30_000}
+DATA_FILES: tuple[str, ...] = tuple(
+    f"{prefix}-{_SPLIT_SUFFIX[split]}.csv" for prefix in TASK_FILES.values() for split in SPLITS
+)
+
+
+class DataError(ValueError):
+    """A problem with the data files: the message is one line naming the file (and column/row)."""
+
+
+@dataclass
+class SkipReport:
+    """Rows a reader skipped, per reason.
+
+    Attributes:
+        file: File name, e.g. ``quora-train.csv``.
+        rows: Rows read after the header (kept + skipped).
+        skipped: Reason -> count, e.g. ``{"empty label": 2}``.
+        examples: Reason -> the first few 1-based file line numbers (the header is line 1).
+    """
+
+    file: str
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def total_skipped(self) -> int:
+        """Number of rows skipped for any reason."""
+        return sum(self.skipped.values())
+
+    def add(self, reason: str, line: int) -> None:
+        """Count one skipped row."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        lines = self.examples.setdefault(reason, [])
+        if len(lines) < _MAX_EXAMPLES:
+            lines.append(line)
+
+    def __str__(self) -> str:
+        head = f"{self.file}: skipped {self.total_skipped} of {self.rows} rows"
+        if not self.skipped:
+            return head
+        parts = []
+        for reason, count in self.skipped.items():
+            lines = self.examples.get(reason, [])
+            where = ", ".join(str(n) for n in lines) + (", ..." if count > len(lines) else "")
+            parts.append(f"{reason}: {count} at line{'s' if count > 1 else ''} {where}")
+        return f"{head} ({'; '.join(parts)})"
+
+
+@dataclass
+class RawSplit:
+    """One task's split as read from disk, validated.
+
+    Attributes:
+        task: ``sst``, ``para`` or ``sts``.
+        split: ``train``, ``dev`` or ``test``.
+        ids: Example ids, in file order.
+        text_a: First (or only) sentence, whitespace-stripped.
+        text_b: Second sentence for pairs; None for sst.
+        labels: sst: int 0..4; para: float 0.0/1.0; sts: float 0..5; None for test.
+        report: What the reader skipped.
+    """
+
+    task: str
+    split: str
+    ids: list[str]
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: list[int] | list[float] | None
+    report: SkipReport
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def split_file(task: str, split: str) -> str:
+    """File name of a task's split, e.g. ``split_file("para", "test") == "quora-test-student.csv"``."""
+    if task not in TASK_FILES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_FILES)}")
+    if split not in _SPLIT_SUFFIX:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    return f"{TASK_FILES[task]}-{_SPLIT_SUFFIX[split]}.csv"
+
+
+def _required_columns(task: str, split: str) -> tuple[str, ...]:
+    label = () if split == "test" else (_LABEL_COLUMN[task],)
+    return ("id", *_TEXT_COLUMNS[task], *label)
+
+
+def _parse_line(line: str) -> list[str]:
+    return next(csv.reader((line,), delimiter="\t"))
+
+
+def _unquote(text: str) -> str:
+    """Undo one extra level of csv quoting, only when the field is well-formed for it."""
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        inner = text[1:-1]
+        if '"' not in inner.replace('""', ""):
+            return inner.replace('""', '"').strip()
+    return text
+
+
+def _parse_label(task: str, text: str) -> tuple[int | float | None, str | None]:
+    """Return ``(label, None)`` or ``(None, reason)``."""
+    text = text.strip()
+    if not text:
+        return None, "empty label"
+    try:
+        value = float(text)
+    except ValueError:
+        return None, "label not a number"
+    if task == "sst":
+        ok = value in (0.0, 1.0, 2.0, 3.0, 4.0)
+        return (int(value), None) if ok else (None, "label out of range")
+    ok = value in (0.0, 1.0) if task == "para" else 0.0 <= value <= 5.0
+    return (value, None) if ok else (None, "label out of range")
+
+
+def _read_header(path: Path) -> list[str]:
+    with path.open("rb") as fh:
+        first = fh.readline()
+    try:
+        text = first.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: header line is not UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file or empty header line")
+    return _parse_line(text)
+
+
+def _locate_columns(path: Path, header: list[str], task: str, split: str) -> dict[str, int]:
+    names = [name.strip() for name in header]
+    where = {}
+    for column in _required_columns(task, split):
+        if column not in names:
+            raise DataError(f"{path}: missing column {column!r} (header: {names})")
+        where[column] = names.index(column)
+    return where
+
+
+def read_split(data_dir: Path, task: str, split: str) -> RawSplit:
+    """Read and validate one split.
+
+    Columns are located by header name. A row is skipped, and counted by reason, when it is a
+    blank line, is not UTF-8, has a column count other than the header's, has an empty id, or
+    (train/dev) has an empty label, a label that is not a number, or a label out of range
+    (sst: an integer 0..4, para: 0 or 1, sts: 0..5). Sentences are whitespace-stripped and may be
+    empty; Quora's sentences are unquoted once more (see ``_QUOTED_TWICE``).
+
+    Args:
+        data_dir: Folder with the csv files.
+        task: ``sst``, ``para`` or ``sts``.
+        split: ``train``, ``dev`` or ``test`` (the ``*-test-student.csv`` file).
+
+    Returns:
+        The validated split with its :class:`SkipReport`.
+
+    Raises:
+        DataError: The file is missing, has no header, or lacks a required column.
+    """
+    name = split_file(task, split)
+    path = Path(data_dir) / name
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    header = _read_header(path)
+    cols = _locate_columns(path, header, task, split)
+    text_cols = [cols[c] for c in _TEXT_COLUMNS[task]]
+    label_col = cols.get(_LABEL_COLUMN[task])
+    unquote = task in _QUOTED_TWICE
+
+    report = SkipReport(file=name)
+    ids: list[str] = []
+    texts: list[list[str]] = [[] for _ in text_cols]
+    labels: list[Any] = []
+    with path.open("rb") as fh:
+        fh.readline()
+        for lineno, raw_line in enumerate(fh, start=2):
+            report.rows += 1
+            try:
+                line = raw_line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                report.add("not UTF-8", lineno)
+                continue
+            if not line.strip():
+                report.add("blank line", lineno)
+                continue
+            try:
+                row = _parse_line(line)
+            except csv.Error:
+                report.add("unparsable line", lineno)
+                continue
+            if len(row) != len(header):
+                report.add("wrong column count", lineno)
+                continue
+            example_id = row[cols["id"]].strip()
+            if not example_id:
+                report.add("empty id", lineno)
+                continue
+            if label_col is not None:
+                label, reason = _parse_label(task, row[label_col])
+                if reason is not None:
+                    report.add(reason, lineno)
+                    continue
+                labels.append(label)
+            ids.append(example_id)
+            for out, col in zip(texts, text_cols, strict=True):
+                text = row[col].strip()
+                out.append(_unquote(text) if unquote else text)
+    return RawSplit(
+        task=task,
+        split=split,
+        ids=ids,
+        text_a=texts[0],
+        text_b=texts[1] if len(texts) > 1 else None,
+        labels=labels if label_col is not None else None,
+        report=report,
+    )
+
+
+def _take(raw: RawSplit, keep: Sequence[int]) -> RawSplit:
+    def pick(values: list[Any] | None) -> list[Any] | None:
+        return None if values is None else [values[i] for i in keep]
+
+    return replace(
+        raw,
+        ids=pick(raw.ids),
+        text_a=pick(raw.text_a),
+        text_b=pick(raw.text_b),
+        labels=pick(raw.labels),
+    )
+
+
+def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
+    """Deterministic subsample of ``n`` examples, kept in file order.
+
+    Args:
+        raw: The split.
+        n: Examples to keep; None or at least ``len(raw)`` returns ``raw`` unchanged.
+        seed: Seeds the choice (a ``torch.Generator``).
+
+    Returns:
+        A split with ``min(n, len(raw))`` examples and the same report.
+    """
+    if n is None or n >= len(raw):
+        return raw
+    if n < 0:
+        raise ValueError(f"subsample size must be >= 0, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(raw), generator=gen)[:n].sort().values.tolist()
+    return _take(raw, keep)
+
+
+def _drop_ids(raw: RawSplit, exclude: set[str]) -> RawSplit:
+    return _take(raw, [i for i, example_id in enumerate(raw.ids) if example_id not in exclude])
+
+
+# --------------------------------------------------------------------------- download
+
+
+def default_cache_dir() -> Path:
+    """``$MTL_CACHE_DIR/data/<commit[:8]>``, else ``~/.cache/mtl/data/<commit[:8]>``."""
+    root = os.environ.get("MTL_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "mtl"
+    return base / "data" / DATA_COMMIT[:8]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _task_split_of(name: str) -> tuple[str, str]:
+    for task in TASK_FILES:
+        for split in SPLITS:
+            if split_file(task, split) == name:
+                return task, split
+    raise ValueError(f"not a data file: {name}")
+
+
+def _check_file(path: Path, name: str, min_rows: Mapping[str, int]) -> str | None:
+    """Why the file at ``path`` is not a valid copy of ``name``, or None when it is."""
+    if name in SHA256:
+        got = _sha256(path)
+        if got != SHA256[name]:
+            return f"sha256 mismatch (expected {SHA256[name]}, got {got})"
+        return None
+    task, split = _task_split_of(name)
+    try:
+        _locate_columns(path, _read_header(path), task, split)
+    except DataError as err:
+        return str(err).removeprefix(f"{path}: ")
+    with path.open("rb") as fh:
+        rows = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b"")) - 1
+    need = min_rows.get(name, 1)
+    if rows < need:
+        return f"only {rows} data rows, expected at least {need}"
+    return None
+
+
+def _fetch(url: str, dest: Path, timeout: float) -> None:
+    """Stream ``url`` into ``dest`` (a temporary name), with a progress bar."""
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as resp:
+            resp.raise_for_status()
+            total = int(resp.headers.get("Content-Length", 0)) or None
+            with (
+                dest.open("wb") as fh,
+                tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar,
+            ):
+                for chunk in resp.iter_content(chunk_size=1 << 16):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as err:
+        dest.unlink(missing_ok=True)
+        raise DataError(f"{url}: download failed: {err}") from None
+
+
+def download_data(
+    cache_dir: Path | None = None,
+    base_url: str = DEFAULT_BASE_URL,
+    *,
+    min_rows: Mapping[str, int] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download the published data once into a cache folder and verify every file.
+
+    Files come from ``{base_url}/{DATA_COMMIT}/data/{name}``. Files already in the cache and valid
+    are not downloaded again. Each download streams into a temporary name and is renamed into
+    place only once verified: against its pinned sha256 (:data:`SHA256`) where we know it, else
+    (``quora-train.csv``, ``quora-test-student.csv``) by its header columns and a minimum number of
+    data rows (:data:`MIN_ROWS`).
+
+    Args:
+        cache_dir: Destination folder; None: :func:`default_cache_dir`.
+        base_url: Repository root to download from (tests point it at a local server).
+        min_rows: Overrides :data:`MIN_ROWS` for the files checked by row count.
+        timeout: Seconds to wait for the server (connect and between bytes).
+
+    Returns:
+        The folder holding all the files.
+
+    Raises:
+        DataError: A download failed or a downloaded file failed verification (it is not kept).
+    """
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows_needed = {**MIN_ROWS, **(min_rows or {})}
+    for name in DATA_FILES:
+        dest = folder / name
+        if dest.is_file():
+            problem = _check_file(dest, name, rows_needed)
+            if problem is None:
+                continue
+            logger.warning("%s: cached copy is invalid (%s); downloading again", dest, problem)
+        url = f"{base_url.rstrip('/')}/{DATA_COMMIT}/data/{name}"
+        tmp = folder / f".{name}.{os.getpid()}.part"
+        _fetch(url, tmp, timeout)
+        problem = _check_file(tmp, name, rows_needed)
+        if problem is not None:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{name}: {problem}; downloaded from {url}, not kept")
+        os.replace(tmp, dest)
+        logger.info("downloaded %s", dest)
+    return folder
+
+
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """The data folder: the config value, else ``$MTL_DATA_DIR``, else :func:`download_data`.
+
+    Raises:
+        DataError: The configured or environment folder does not exist.
+    """
+    if data_dir is not None:
+        path, source = Path(data_dir).expanduser(), "data.data_dir"
+    elif os.environ.get("MTL_DATA_DIR"):
+        path, source = Path(os.environ["MTL_DATA_DIR"]).expanduser(), "$MTL_DATA_DIR"
+    else:
+        return download_data()
+    if not path.is_dir():
+        raise DataError(f"{source}: {path}: no such folder")
+    return path
+
+
+# --------------------------------------------------------------------------- tokenize and batch
+
+
+@dataclass
+class Encoded:
+    """A tokenized split; sequences are unpadded 1-D long tensors.
+
+    Attributes:
+        task: ``sst``, ``para`` or ``sts``.
+        split: ``train``, ``dev`` or ``test``.
+        ids: Example ids.
+        labels: (n,) long for sst, float32 for para and sts; None for test.
+        input_ids: Per example ``[CLS] a [SEP]`` (sst, design 1) or ``[CLS] a [SEP] b [SEP]``
+            (design 2 pairs).
+        token_type_ids: Design 2 pairs only (0 for a, 1 for b); None means all zeros.
+        input_ids_b: Design 1 pairs only: ``[CLS] b [SEP]``.
+        lengths: (n,) long: max(len(a), len(b)) per example, for bucketing.
+    """
+
+    task: str
+    split: str
+    ids: list[str]
+    labels: torch.Tensor | None
+    input_ids: list[torch.Tensor]
+    token_type_ids: list[torch.Tensor] | None
+    input_ids_b: list[torch.Tensor] | None
+    lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _tensors(rows: list[list[int]]) -> list[torch.Tensor]:
+    return [torch.tensor(row, dtype=torch.long) for row in rows]
+
+
+def encode(raw: RawSplit, tokenizer: Any, max_length: int, design: int) -> Encoded:
+    """Batch-tokenize a split with a fast tokenizer (one call per column, truncated).
+
+    Args:
+        raw: The split.
+        tokenizer: A Hugging Face (fast) BERT tokenizer; it adds ``[CLS]`` and ``[SEP]``.
+        max_length: Tokens per sequence after truncation, special tokens included; a design 2
+            pair counts both sentences (longest-first truncation).
+        design: 1: each sentence of a pair encoded on its own; 2: the pair encoded jointly.
+
+    Returns:
+        The :class:`Encoded` split.
+    """
+    if design not in (1, 2):
+        raise ValueError(f"design must be 1 or 2, got {design}")
+    kwargs = {"truncation": True, "max_length": max_length, "return_attention_mask": False}
+    n = len(raw)
+    token_type_ids = input_ids_b = None
+    if raw.text_b is not None and design == 2:
+        out = tokenizer(raw.text_a, raw.text_b, return_token_type_ids=True, **kwargs) if n else {}
+        input_ids = _tensors(out.get("input_ids", []))
+        token_type_ids = _tensors(out.get("token_type_ids", []))
+        lengths = [len(x) for x in input_ids]
+    else:
+        out = tokenizer(raw.text_a, return_token_type_ids=False, **kwargs) if n else {}
+        input_ids = _tensors(out.get("input_ids", []))
+        lengths = [len(x) for x in input_ids]
+        if raw.text_b is not None:
+            out_b = tokenizer(raw.text_b, return_token_type_ids=False, **kwargs) if n else {}
+            input_ids_b = _tensors(out_b.get("input_ids", []))
+            lengths = [max(la, len(b)) for la, b in zip(lengths, input_ids_b, strict=True)]
+    labels = None
+    if raw.labels is not None:
+        dtype = torch.long if raw.task == "sst" else torch.float32
+        labels = torch.tensor(raw.labels, dtype=dtype)
+    return Encoded(
+        task=raw.task,
+        split=raw.split,
+        ids=list(raw.ids),
+        labels=labels,
+        input_ids=input_ids,
+        token_type_ids=token_type_ids,
+        input_ids_b=input_ids_b,
+        lengths=torch.tensor(lengths, dtype=torch.long),
+    )
+
+
+@dataclass
+class Batch:
+    """One single-task batch, padded to the longest sequence in the batch.
+
+    Attributes:
+        task: ``sst``, ``para`` or ``sts``.
+        index: (B,) positions of the examples in the :class:`Encoded` split.
+        input_ids: (B, L), padded with 0.
+        attention_mask: (B, L) long, 1 for tokens, 0 for padding.
+        token_type_ids: (B, L) for design 2 pairs, else None.
+        input_ids_b: (B, Lb) for design 1 pairs, else None.
+        attention_mask_b: (B, Lb) for design 1 pairs, else None.
+        labels: (B,) or None for test.
+    """
+
+    task: str
+    index: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+    input_ids_b: torch.Tensor | None = None
+    attention_mask_b: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Copy every tensor to ``device`` (non-blocking)."""
+        moved = {
+            f.name: value.to(device, non_blocking=True)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+
+def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    padded = pad_sequence(seqs, batch_first=True, padding_value=0)  # (B, L)
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = (torch.arange(padded.shape[1]) < lengths[:, None]).long()  # (B, L)
+    return padded, mask
+
+
+def collate(enc: Encoded, indices: Sequence[int]) -> Batch:
+    """Gather examples ``indices`` of ``enc`` into a :class:`Batch`.
+
+    Args:
+        enc: The encoded split.
+        indices: Positions in ``enc`` (at least one).
+
+    Returns:
+        The batch, padded to its own longest sequence.
+    """
+    if len(indices) == 0:
+        raise ValueError("collate needs at least one index")
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    positions = index.tolist()
+    input_ids, attention_mask = _pad([enc.input_ids[i] for i in positions])
+    token_type_ids = input_ids_b = attention_mask_b = None
+    if enc.token_type_ids is not None:
+        token_type_ids, _ = _pad([enc.token_type_ids[i] for i in positions])
+    if enc.input_ids_b is not None:
+        input_ids_b, attention_mask_b = _pad([enc.input_ids_b[i] for i in positions])
+    return Batch(
+        task=enc.task,
+        index=index,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        input_ids_b=input_ids_b,
+        attention_mask_b=attention_mask_b,
+        labels=None if enc.labels is None else enc.labels[index],
+    )
+
+
+def batch_order(
+    lengths: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None,
+    bucket: bool = True,
+) -> list[list[int]]:
+    """Split example positions into batches; every index appears exactly once.
+
+    Training (``generator`` given): with ``bucket``, shuffle all indices, cut them into buckets
+    of ``batch_size * BUCKET_BATCHES``, sort each bucket by length, cut it into batches, and
+    shuffle the order of all batches; without ``bucket``, uniformly shuffled batches.
+    Evaluation (``generator`` None): indices sorted by length, then cut into batches (``bucket``
+    is ignored); map predictions back through :attr:`Batch.index`.
+
+    Args:
+        lengths: (n,) sequence lengths.
+        batch_size: Examples per batch; the last batch (in evaluation) or one batch (bucketed
+            training) may be smaller.
+        generator: Random state for training; None for evaluation order.
+        bucket: Length-bucketed training batches.
+
+    Returns:
+        Lists of positions, one per batch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    lengths = torch.as_tensor(lengths)
+    n = lengths.numel()
+    if generator is None:
+        order = torch.sort(lengths, stable=True).indices
+        return [chunk.tolist() for chunk in order.split(batch_size)]
+    perm = torch.randperm(n, generator=generator)
+    if not bucket:
+        return [chunk.tolist() for chunk in perm.split(batch_size)]
+    batches: list[list[int]] = []
+    for chunk in perm.split(batch_size * BUCKET_BATCHES):
+        by_length = chunk[torch.sort(lengths[chunk], stable=True).indices]
+        batches.extend(b.tolist() for b in by_length.split(batch_size))
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+# --------------------------------------------------------------------------- everything at once
+
+
+@dataclass
+class TaskData:
+    """Encoded train/dev/test splits for the configured tasks.
+
+    Attributes:
+        train: Task -> encoded training split.
+        dev: Task -> encoded dev split.
+        test: Task -> encoded test split, only for tasks whose test file exists.
+        reports: One :class:`SkipReport` per file read.
+        missing: Names of absent test files, e.g. ``quora-test-student.csv``.
+    """
+
+    train: dict[str, Encoded]
+    dev: dict[str, Encoded]
+    test: dict[str, Encoded]
+    reports: list[SkipReport]
+    missing: list[str]
+
+
+def load_task_data(
+    cfg: DataConfig,
+    tokenizer: Any,
+    design: int,
+    seed: int,
+    exclude: dict[str, set[str]] | None = None,
+) -> TaskData:
+    """Read, validate, subsample and encode every split of ``cfg.tasks``.
+
+    Training splits lose the ids in ``exclude[task]`` (held out elsewhere, e.g. by the
+    contrastive stage) and are subsampled to ``cfg.max_train_examples``; dev and test splits are
+    subsampled to ``cfg.max_eval_examples``; both with ``seed``. Every report that skipped rows,
+    and the list of absent test files, is logged as a warning on the ``mtl.data`` logger.
+
+    Args:
+        cfg: The data section of the config.
+        tokenizer: A Hugging Face fast tokenizer.
+        design: 1 or 2 (see :func:`encode`).
+        seed: Seeds the subsamples.
+        exclude: Task -> training ids to leave out.
+
+    Returns:
+        The encoded splits, reports and missing test files.
+
+    Raises:
+        DataError: A train or dev file is missing or lacks a column.
+    """
+    data_dir = resolve_data_dir(cfg.data_dir)
+    data = TaskData(train={}, dev={}, test={}, reports=[], missing=[])
+    for task in cfg.tasks:
+        for split in SPLITS:
+            if split == "test" and not (data_dir / split_file(task, split)).is_file():
+                data.missing.append(split_file(task, split))
+                continue
+            raw = read_split(data_dir, task, split)
+            data.reports.append(raw.report)
+            if raw.report.skipped:
+                logger.warning("%s", raw.report)
+            if split == "train":
+                dropped = (exclude or {}).get(task)
+                if dropped:
+                    before = len(raw)
+                    raw = _drop_ids(raw, dropped)
+                    logger.info("%s: held out %d training examples", task, before - len(raw))
+                raw = subsample(raw, cfg.max_train_examples, seed)
+            else:
+                raw = subsample(raw, cfg.max_eval_examples, seed)
+            target = {"train": data.train, "dev": data.dev, "test": data.test}[split]
+            target[task] = encode(raw, tokenizer, cfg.max_length, design)
+    if data.missing:
+        logger.warning("no test file, so no test predictions for: %s", ", ".join(data.missing))
+    return data

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real CS224N data folder and a tiny random-weight backbone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import make_tiny_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Two cores are shared by pytest and (in some tests) Ray workers.
+torch.set_num_threads(1)
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("MTL_DATA_DIR", REPO.parent / "shared" / "data" / "cs224n"))
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    path = data_dir()
+    if not (path / "ids-sst-train.csv").exists():
+        pytest.fail(f"CS224N data not found at {path}; set MTL_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))

@@ -1,0 +1,168 @@
+"""The training loop on a tiny random BERT and small slices of the real data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl import data as data_lib
+from mtl.config import Config, build_config
+from mtl.train import epoch_plan, eval_positions, load_data, train
+
+
+def tiny_config(backbone: Path, data_dir: Path, out: Path, **sections: dict) -> Config:
+    raw = {
+        "seed": 3,
+        "output_dir": str(out),
+        "model": {"backbone": str(backbone), "head_hidden": 16},
+        "data": {
+            "data_dir": str(data_dir),
+            "max_train_examples": 24,
+            "max_eval_examples": 16,
+            "max_length": 32,
+        },
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": False, "log_every": 1},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return build_config(raw)
+
+
+def _encoded(task: str, n: int) -> data_lib.Encoded:
+    ids = [torch.tensor([101, 1000 + i, 102]) for i in range(n)]
+    return data_lib.Encoded(
+        task=task,
+        split="train",
+        ids=[str(i) for i in range(n)],
+        labels=torch.zeros(n),
+        input_ids=ids,
+        token_type_ids=None,
+        input_ids_b=None,
+        lengths=torch.full((n,), 3),
+    )
+
+
+@pytest.mark.parametrize(("until", "rounds"), [("largest", 5), ("smallest", 1)])
+def test_round_robin_cycles_tasks_batch_by_batch(until: str, rounds: int) -> None:
+    train_sets = {
+        "sst": _encoded("sst", 10),
+        "para": _encoded("para", 4),
+        "sts": _encoded("sts", 2),
+    }
+    cfg = build_config({"train": {"batch_size": 2, "epoch_until": until}})
+    plan = epoch_plan(train_sets, cfg, epoch=0)
+    assert [s.task for s in plan] == ["sst", "para", "sts"] * rounds
+    if until == "largest":
+        sst = sorted(i for s in plan if s.task == "sst" for i in s.indices)
+        assert sst == list(range(10))  # the largest set exactly once
+        sts = [i for s in plan if s.task == "sts" for i in s.indices]
+        assert len(sts) == 10 and sorted(set(sts)) == [0, 1]  # the smallest one repeated
+    assert epoch_plan(train_sets, cfg, epoch=0) == plan  # a pure function of (seed, epoch)
+    assert epoch_plan(train_sets, cfg, epoch=1) != plan
+
+
+def test_sequential_runs_each_task_whole() -> None:
+    train_sets = {"sst": _encoded("sst", 6), "para": _encoded("para", 4), "sts": _encoded("sts", 2)}
+    cfg = build_config({"train": {"batch_size": 2, "routine": "sequential"}})
+    tasks = [s.task for s in epoch_plan(train_sets, cfg, 0)]
+    assert tasks == ["sst"] * 3 + ["para"] * 2 + ["sts"]
+
+
+@pytest.mark.parametrize(
+    ("every", "epoch", "expected"),
+    [(1.0, 0, [12]), (0.5, 0, [6, 12]), (0.25, 0, [3, 6, 9, 12]), (2.0, 0, []), (2.0, 1, [12])],
+)
+def test_eval_positions(every: float, epoch: int, expected: list[int]) -> None:
+    cfg = build_config({"train": {"eval_every": every, "epochs": 3}})
+    assert eval_positions(12, epoch, cfg) == expected
+
+
+def test_pretrain_mode_trains_heads_only(tiny_backbone: Path, real_data_dir: Path, tmp_path: Path):
+    cfg = tiny_config(tiny_backbone, real_data_dir, tmp_path, train={"mode": "pretrain"})
+    seen = {}
+
+    def reporter(metrics: dict, ckpt: Path) -> None:
+        seen["ckpt"] = ckpt
+
+    train(cfg, reporter)
+    from safetensors.torch import load_file
+
+    after = load_file(seen["ckpt"] / "model.safetensors")
+    before = load_file(tiny_backbone / "model.safetensors")
+    for key, value in before.items():
+        assert torch.equal(after[f"encoder.{key}"], value), key
+    assert any(k.startswith("heads.") for k in after)
+
+
+def test_pretrain_mode_leaves_encoder_without_gradients(tiny_backbone: Path) -> None:
+    from mtl.heads import task_loss
+    from mtl.train import build_model
+    from tests.test_heads import _batch
+
+    cfg = build_config({"train": {"mode": "pretrain"}, "model": {"head_hidden": 8}})
+    model = build_model(cfg, tiny_backbone)
+    batch = _batch("sts", 2)
+    task_loss("sts", model(batch).logits, batch.labels).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.heads["sts"].parameters())
+
+
+def test_run_folder_predictions_and_tensorboard(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tiny_backbone, real_data_dir, tmp_path / "run", train={"eval_every": 0.5})
+    reports = []
+    metrics = train(cfg, lambda m, c: reports.append(m))
+    run = tmp_path / "run"
+    assert len(reports) == 2 and reports[-1]["epoch"] == 1.0
+    assert metrics["overall"] == max(r["overall"] for r in reports)
+    for name in ("config.yaml", "run_info.json", "metrics.json", "best/model.safetensors"):
+        assert (run / name).exists(), name
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["seed"] == 3 and "torch" in info["versions"]
+    # Submission format: header, then "id , value" for every dev and test example present.
+    data = load_data(cfg)
+    for task, header in (("sst", "Predicted_Sentiment"), ("sts", "Predicted_Similiary")):
+        lines = (run / "predictions" / f"{task}-test-output.csv").read_text().splitlines()
+        assert lines[0].split() == ["id", header]
+        assert [ln.split(" , ")[0] for ln in lines[1:]] == data.test[task].ids
+    assert not (run / "predictions" / "para-test-output.csv").exists()
+    assert "quora-test-student.csv" in (run / "predictions" / "MISSING.txt").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert len(events.Scalars("dev/overall")) == 2
+    assert {"train/loss_sst", "train/loss_para", "train/loss_sts", "train/lr"} <= set(
+        events.Tags()["scalars"]
+    )
+
+
+def test_resume_mid_epoch_reproduces_uninterrupted_run(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(
+        tiny_backbone,
+        real_data_dir,
+        tmp_path / "full",
+        train={"epochs": 2, "eval_every": 0.5, "grad_accum_steps": 2},
+    )
+    saved = tmp_path / "saved"
+    history = []
+
+    def keep_first(metrics: dict, ckpt: Path) -> None:
+        history.append(metrics)
+        if len(history) == 1:  # the middle of epoch 0
+            shutil.copytree(ckpt, saved)
+
+    full = train(cfg, keep_first)
+    assert 0 < history[0]["epoch"] < 1
+    resumed_history = []
+    resumed = train(
+        cfg, lambda m, c: resumed_history.append(m), resume_from=saved, run_dir=tmp_path / "resumed"
+    )
+    assert resumed_history == history[1:]
+    assert resumed == full
