@@ -19,6 +19,8 @@ called after every dev evaluation.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -95,10 +97,8 @@ def _versions() -> dict[str, str]:
 
     versions = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "safetensors", "numpy", "ray", "optuna"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -220,7 +220,7 @@ def eval_positions(plan_len: int, epoch: int, cfg: Config) -> list[int]:
 def _optimizer_steps(plan_len: int, evals: list[int], accum: int) -> int:
     """Optimizer steps in one epoch: gradients are flushed at each evaluation and the epoch's end."""
     bounds = sorted({0, *evals, plan_len})
-    return sum(math.ceil((b - a) / accum) for a, b in zip(bounds, bounds[1:], strict=False))
+    return sum(math.ceil((b - a) / accum) for a, b in itertools.pairwise(bounds))
 
 
 # ---------------------------------------------------------------------------------------------
