@@ -34,7 +34,11 @@ logger = logging.getLogger("mtl.data")
 TASK_FILES: dict[str, str] = {"sst": "ids-sst", "para": "quora", "sts": "sts"}
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 _SPLIT_SUFFIX = {"train": "train", "dev": "dev", "test": "test-student"}
-_TEXT_COLUMNS = {"sst": ("sentence",), "para": ("sentence1", "sentence2"), "sts": ("sentence1", "sentence2")}
+_TEXT_COLUMNS = {
+    "sst": ("sentence",),
+    "para": ("sentence1", "sentence2"),
+    "sts": ("sentence1", "sentence2"),
+}
 _LABEL_COLUMN = {"sst": "sentiment", "para": "is_duplicate", "sts": "similarity"}
 # Quora's sentences were quoted once more before the csv writer quoted them again (`"""..."""`):
 # after the csv parse a well-formed field is still `"...""..."""`, and is unquoted once more.
@@ -370,7 +374,9 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
             total = int(resp.headers.get("Content-Length", 0)) or None
             with (
                 dest.open("wb") as fh,
-                tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar,
+                tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name
+                ) as bar,
             ):
                 for chunk in resp.iter_content(chunk_size=1 << 16):
                     fh.write(chunk)
@@ -621,8 +627,8 @@ def batch_order(
 
     Args:
         lengths: (n,) sequence lengths.
-        batch_size: Examples per batch; the last batch (in evaluation) or one batch (bucketed
-            training) may be smaller.
+        batch_size: Examples per batch; one batch may be smaller: the last one, except in
+            bucketed training, where the batch order is shuffled.
         generator: Random state for training; None for evaluation order.
         bucket: Length-bucketed training batches.
 
@@ -633,6 +639,8 @@ def batch_order(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     lengths = torch.as_tensor(lengths)
     n = lengths.numel()
+    if n == 0:
+        return []
     if generator is None:
         order = torch.sort(lengths, stable=True).indices
         return [chunk.tolist() for chunk in order.split(batch_size)]
