@@ -1,9 +1,11 @@
 """The trainer's one typed configuration, loaded from YAML with ``--set a.b=value`` overrides.
 
 Every field has a default, so an empty YAML file is a valid config (MiniLM, design 2, finetune,
-round-robin, all three tasks). Sections mirror the modules that read them: ``model`` (bert.py,
-heads.py), ``data`` (data.py) and ``train`` (train.py). Unknown keys and wrong types are errors,
-reported as one line that names the key (:class:`ConfigError`).
+round-robin, all three tasks, no extension). Sections mirror the modules that read them:
+``model`` (bert.py, heads.py), ``data`` (data.py), ``train`` (train.py), and the paper's
+extensions, each off by default: ``smart`` (smart.py), ``pal`` (pal.py) and ``contrastive``
+(contrastive.py). Unknown keys and wrong types are errors, reported as one line that names the
+key (:class:`ConfigError`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,89 @@ class TrainConfig(_Section):
         return 1e-3 if self.mode == "pretrain" else 1e-5
 
 
+class SmartConfig(_Section):
+    """SMART (Jiang et al. 2019), section 4.3 of the paper; read by ``mtl/smart.py``."""
+
+    # Add lambda * R_s to every task loss (off: R_s is not computed at all).
+    enabled: bool = False
+    # lambda, the weight of R_s (paper: 5); 0 still computes and logs R_s without training on it.
+    weight: float = Field(5.0, ge=0.0)
+    # eta, the step size of each gradient-ascent step on the perturbation (paper: 1e-3).
+    eta: float = Field(1e-3, gt=0.0)
+    # epsilon, the small constant in the per-token normalisation of the perturbation (paper: 1e-6).
+    epsilon: float = Field(1e-6, gt=0.0)
+    # sigma, the scale of the initial Gaussian perturbation (paper: 1e-5; randn * sigma as in the
+    # reference code).
+    sigma: float = Field(1e-5, gt=0.0)
+    # K, gradient-ascent steps on the perturbation (paper: 1).
+    steps: int = Field(1, ge=1)
+    # Per-token norm the perturbation is normalised by after each step: inf (reference code) or l2.
+    norm: Literal["inf", "l2"] = "inf"
+    # Add SMART's Bregman proximal point term against a momentum (teacher) copy of the model.
+    bregman: bool = False
+    # mu, the weight of the Bregman term (SMART paper: 1).
+    mu: float = Field(1.0, ge=0.0)
+    # Teacher update rate beta for the first ``beta_switch`` fraction of optimizer steps.
+    beta_early: float = Field(0.99, ge=0.0, le=1.0)
+    # Teacher update rate beta after that.
+    beta_late: float = Field(0.999, ge=0.0, le=1.0)
+    # Fraction of all optimizer steps that use ``beta_early`` (SMART paper: the first 10%).
+    beta_switch: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class PalConfig(_Section):
+    """Projected attention layers, section 4.4 of the paper; read by ``mtl/pal.py``."""
+
+    # none; paper: one PAL beside each layer's self-attention, concatenated and merged (Figure 2);
+    # standard: Stickland and Murray 2019, LN(FFN(a) + a + PAL(h)) in every layer.
+    variant: Literal["none", "paper", "standard"] = "none"
+    # Learning rate of the PAL parameters (None: the run's peak learning rate).
+    lr: float | None = Field(None, gt=0.0)
+    # PAL width; None: 204 * hidden / 768 rounded up to a multiple of ``heads`` (768 -> 204,
+    # MiniLM's 384 -> 108).
+    low_dim: int | None = Field(None, gt=0)
+    # Attention heads inside each PAL; must divide the PAL width.
+    heads: int = Field(12, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PalConfig:
+        if self.low_dim is not None and self.low_dim % self.heads:
+            raise ValueError(f"low_dim {self.low_dim} is not a multiple of heads {self.heads}")
+        return self
+
+
+class ContrastiveConfig(_Section):
+    """Stage-1 supervised contrastive pretraining on Quora, section 4.5; ``mtl/contrastive.py``."""
+
+    # Run stage 1 (or reuse its cached encoder) before the multitask training.
+    enabled: bool = False
+    # margin: the paper's 0.5 * (y d^2 + (1 - y) max(0, m - d)^2) on L2-normalised [CLS];
+    # infonce: SimCSE's supervised loss with the non-duplicate pairs as hard negatives.
+    loss: Literal["margin", "infonce"] = "margin"
+    # Fraction of Quora training pairs (by id) used in stage 1 and held out of stage 2.
+    fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    # AdamW learning rate of stage 1.
+    lr: float = Field(1e-5, gt=0.0)
+    # Pairs per stage-1 batch.
+    batch_size: int = Field(64, gt=1)
+    # Tokens per sentence in stage 1.
+    max_length: int = Field(64, ge=8)
+    # Most stage-1 epochs.
+    epochs: int = Field(20, gt=0)
+    # Stop after this many epochs without a lower validation loss (Quora dev).
+    patience: int = Field(5, gt=0)
+    # m, the margin of the margin loss.
+    margin: float = Field(0.5, gt=0.0)
+    # tau, the temperature of the InfoNCE loss (SimCSE: 0.05).
+    temperature: float = Field(0.05, gt=0.0)
+    # Folder of stage-1 encoders, shareable between runs; None: $MTL_CACHE_DIR/stage1, else
+    # ~/.cache/mtl/stage1.
+    cache_dir: str | None = None
+    # Deterministic subsample of the stage-1 training and validation pairs (None: all); for
+    # quick runs.
+    max_examples: int | None = Field(None, gt=1)
+
+
 class Config(_Section):
     # Seeds Python, NumPy, torch and the data order.
     seed: int = 0
@@ -120,6 +205,9 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    smart: SmartConfig = SmartConfig()
+    pal: PalConfig = PalConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict (tuples become lists)."""

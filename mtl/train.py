@@ -42,7 +42,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mtl import contrastive, smart
 from mtl import data as data_lib
+from mtl import pal as pal_lib
 from mtl.backbones import load_tokenizer, resolve_backbone
 from mtl.bert import BertModel
 from mtl.config import Config
@@ -127,8 +129,10 @@ def seed_everything(seed: int) -> None:
 # Model and optimizer
 
 
-def build_model(cfg: Config, backbone_dir: Path) -> MultitaskBert:
-    """The encoder from its pretrained weights plus freshly initialised heads."""
+def build_model(
+    cfg: Config, backbone_dir: Path, encoder_weights: Path | None = None
+) -> MultitaskBert:
+    """The encoder from its pretrained (or stage-1) weights, its PALs, and fresh heads."""
     overrides: dict[str, Any] = {}
     if cfg.model.encoder_dropout is not None:
         overrides = {
@@ -136,10 +140,13 @@ def build_model(cfg: Config, backbone_dir: Path) -> MultitaskBert:
             "attention_probs_dropout_prob": cfg.model.encoder_dropout,
         }
     encoder = BertModel.from_pretrained(str(backbone_dir), **overrides)
+    if encoder_weights is not None:
+        contrastive.load_encoder(encoder, encoder_weights)
     model = MultitaskBert(encoder, cfg.model)
     if cfg.train.mode == "pretrain":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
+    pal_lib.add_pals(model.encoder, cfg.pal, cfg.data.tasks)  # after freezing: PALs train
     return model
 
 
@@ -151,10 +158,11 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
             continue
         (no_decay if p.dim() < 2 or "LayerNorm" in name else decay).append(p)
     lr = cfg.train.peak_lr
-    return [
+    groups = [
         {"params": decay, "weight_decay": cfg.train.weight_decay, "lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr},
     ]
+    return pal_lib.with_pal_lr(groups, model, cfg.pal.lr)
 
 
 def linear_schedule(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -290,12 +298,18 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
+    teacher: nn.Module | None = None,
 ) -> None:
-    """Write a resumable checkpoint atomically (temporary folder, then rename)."""
+    """Write a resumable checkpoint atomically (temporary folder, then rename).
+
+    ``teacher`` is SMART's Bregman momentum copy of the model, when there is one.
+    """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    _save_weights(model, tmp / "model.safetensors")
+    if teacher is not None:
+        _save_weights(teacher, tmp / "teacher.safetensors")
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -315,6 +329,10 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_weights(model: nn.Module, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
 def _numpy_state() -> list[Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
@@ -325,9 +343,12 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    teacher: nn.Module | None = None,
 ) -> TrainState:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state."""
     model.load_state_dict(load_file(path / "model.safetensors"))
+    if teacher is not None:
+        teacher.load_state_dict(load_file(path / "teacher.safetensors"))
     extra = torch.load(path / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
@@ -434,6 +455,8 @@ def train(
     backbone_dir = resolve_backbone(cfg.model.backbone)
     if data is None:
         data = load_data(cfg)
+    stage1 = contrastive.stage1_for_run(cfg, run_dir, device, autocast)
+    data = contrastive.exclude_stage1(data, stage1)  # a filtered copy; the shared data is intact
     (run_dir / "data_report.json").write_text(
         json.dumps(
             {
@@ -448,7 +471,7 @@ def train(
         )
     )
 
-    model = build_model(cfg, backbone_dir).to(device)
+    model = build_model(cfg, backbone_dir, stage1.path if stage1 else None).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.peak_lr)
     tasks = [t for t in cfg.data.tasks if t in data.train]
     train_sets = {t: data.train[t] for t in tasks}
@@ -464,9 +487,11 @@ def train(
         optimizer, linear_schedule(total_steps, cfg.train.warmup_ratio)
     )
 
+    regularizer = smart.Regularizer(cfg.smart, model, total_steps)
+    teacher = regularizer.teacher.model if regularizer.teacher is not None else None
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
+        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, teacher)
         log.info("resumed from %s at epoch %d, batch %d", resume_from, state.epoch, state.position)
 
     writer = _tensorboard(run_dir)
@@ -490,6 +515,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         pending = 0
         state.step += 1
+        regularizer.after_step(state.step)
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(loss=f"{meter.overall():.4f}")
@@ -497,6 +523,7 @@ def train(
             for task, value in meter.means().items():
                 writer.add_scalar(f"train/loss_{task}", value, state.step)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state.step)
+            regularizer.log(writer, state.step)
             meter.reset()
 
     epoch_loss = _LossMeter()
@@ -511,12 +538,13 @@ def train(
                 with autocast():
                     out = model(batch)
                     loss = task_loss(item.task, out.logits, batch.labels)
-                if not torch.isfinite(loss):
+                    total = regularizer.add(loss, model, batch, out.logits)
+                if not torch.isfinite(total):
                     raise NonFiniteLossError(
-                        f"training loss became {loss.item()} at step {state.step} "
+                        f"training loss became {total.item()} at step {state.step} "
                         f"(epoch {state.epoch}, task {item.task})"
                     )
-                (loss / accum).backward()
+                (total / accum).backward()
                 meter.add(item.task, loss.item())
                 epoch_loss.add(item.task, loss.item())
                 pending += 1
@@ -548,7 +576,7 @@ def train(
                     writer.flush()
                     if state.position == len(plan):
                         state.epoch, state.position = state.epoch + 1, 0
-                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, teacher)
                     (run_dir / "metrics.json").write_text(
                         json.dumps({"history": state.history, "best": state.best_metrics}, indent=2)
                     )
@@ -593,7 +621,7 @@ def _save_best(best_dir: Path, model: nn.Module, cfg: Config, metrics: dict[str,
     tmp = best_dir.with_name(best_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    _save_weights(model, tmp / "model.safetensors")
     (tmp / "best.json").write_text(
         json.dumps({"metrics": metrics, "config": cfg.to_dict()}, indent=2)
     )

@@ -1,0 +1,438 @@
+"""Stage 1: supervised contrastive pretraining of the encoder on labelled Quora pairs (section 4.5).
+
+A fixed fraction (15% by default) of the Quora training pairs, chosen by id, trains the encoder's
+[CLS] embeddings with one of two losses; stage 2 (the multitask training of ``mtl/train.py``)
+starts from the stage-1 encoder and trains Quora on the other pairs only. Settings follow the
+paper's section 5.3: AdamW at 1e-5, batch 64, 64 tokens per sentence, up to 20 epochs, early
+stopping with patience 5 on the loss over Quora's dev pairs.
+
+Losses (pure functions of the embeddings, apart from the code that runs the encoder):
+
+* ``margin`` (the paper's formula, Hadsell et al. 2006):
+  L = 0.5 * (y * d^2 + (1 - y) * max(0, m - d)^2), m = 0.5, where d is the Euclidean distance
+  between the L2-normalised embeddings, d^2 = 2 - 2 cos(u, v). Section 5.3 says the loss is
+  computed from the cosine similarity; on raw MiniLM [CLS] vectors (norm about 7) every
+  non-duplicate pair would lie farther apart than m and the negative term would always be zero.
+* ``infonce`` (SimCSE's supervised objective, Gao et al. 2021, equation 5): rows are the first
+  sentences of the duplicate pairs, columns the second sentences of every pair in the batch;
+  cos / tau with tau = 0.05, the row's own partner as the target. Other duplicates' partners are
+  in-batch negatives; the second sentences of the labelled non-duplicate pairs are columns that
+  are no row's positive, SimCSE's hard-negative columns.
+
+Stage-1 encoders are cached in a folder that may be shared by every run of a search: a file
+``<key>.safetensors`` whose key hashes the backbone (its config and weights), the stage-1 config,
+the Quora files' checksums and the seed, so runs that would train identical stage-1 encoders train
+it once. The file is written under a temporary name and renamed into place, so a run racing
+another for the same key never reads half a file. Stage 1 runs inside ``torch.random.fork_rng``:
+a cache hit and a fresh stage 1 leave stage 2 with the same random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mtl import data as data_lib
+from mtl.backbones import load_tokenizer, resolve_backbone
+from mtl.bert import BertModel
+from mtl.config import Config, ContrastiveConfig
+
+log = logging.getLogger("mtl.contrastive")
+
+# Bump when the stage-1 procedure changes, so old cache entries are not reused.
+CACHE_FORMAT = 1
+_QUORA_FILES = (data_lib.split_file("para", "train"), data_lib.split_file("para", "dev"))
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least float32 (bf16 under autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def margin_loss(u: Tensor, v: Tensor, labels: Tensor, margin: float = 0.5) -> Tensor:
+    """The paper's contrastive loss on L2-normalised embeddings, averaged over the batch.
+
+    L_i = 0.5 * (y_i * d_i^2 + (1 - y_i) * max(0, m - d_i)^2), d_i^2 = 2 - 2 cos(u_i, v_i).
+
+    Args:
+        u: (batch, hidden) first sentences' embeddings.
+        v: (batch, hidden) second sentences' embeddings.
+        labels: (batch,) 1 for duplicates, 0 otherwise.
+        margin: m.
+    """
+    u, v = F.normalize(_upcast(u), dim=-1), F.normalize(_upcast(v), dim=-1)
+    d2 = (2.0 - 2.0 * (u * v).sum(-1)).clamp_min(0.0)  # (batch,)
+    # The floor keeps sqrt's gradient finite for identical embeddings.
+    d = d2.clamp_min(1e-12).sqrt()
+    y = labels.to(d2.dtype)
+    return (0.5 * (y * d2 + (1.0 - y) * (margin - d).clamp_min(0.0).pow(2))).mean()
+
+
+def infonce_loss(u: Tensor, v: Tensor, labels: Tensor, temperature: float = 0.05) -> Tensor:
+    """SimCSE's supervised InfoNCE with the non-duplicate pairs as hard negatives.
+
+    For every duplicate pair i (the rows), -log softmax_j(cos(u_i, v_j) / tau)[i] over the second
+    sentences v_j of all pairs in the batch; averaged over the rows. A batch without duplicates
+    gives 0 (with a graph, so backward still works).
+
+    Args:
+        u: (batch, hidden) first sentences' embeddings.
+        v: (batch, hidden) second sentences' embeddings.
+        labels: (batch,) 1 for duplicates, 0 otherwise.
+        temperature: tau.
+    """
+    u, v = F.normalize(_upcast(u), dim=-1), F.normalize(_upcast(v), dim=-1)
+    rows = labels.bool().nonzero().squeeze(-1)  # (positives,)
+    if rows.numel() == 0:
+        return (u.sum() + v.sum()) * 0.0
+    logits = u[rows] @ v.T / temperature  # (positives, batch)
+    return F.cross_entropy(logits, rows)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, ContrastiveConfig], Tensor]] = {
+    "margin": lambda u, v, y, cfg: margin_loss(u, v, y, cfg.margin),
+    "infonce": lambda u, v, y, cfg: infonce_loss(u, v, y, cfg.temperature),
+}
+
+# ---------------------------------------------------------------------------------------------
+# The stage-1 / stage-2 split of Quora
+
+
+def split_ids(ids: Sequence[str], fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """Splits ids into (stage 1, stage 2) deterministically and disjointly.
+
+    Ids are ordered by sha256 of ``"<seed>:<id>"`` and the first ``round(fraction * n)`` go to
+    stage 1, so the split depends only on the set of ids and the seed, not on the file order.
+    """
+    unique = sorted(set(ids), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    cut = round(fraction * len(unique))
+    return set(unique[:cut]), set(unique[cut:])
+
+
+def select(enc: data_lib.Encoded, keep: Sequence[int]) -> data_lib.Encoded:
+    """A new :class:`~mtl.data.Encoded` with the examples at positions ``keep``, in that order."""
+
+    def pick(rows: list[Tensor] | None) -> list[Tensor] | None:
+        return None if rows is None else [rows[i] for i in keep]
+
+    index = torch.as_tensor(list(keep), dtype=torch.long)
+    return replace(
+        enc,
+        ids=[enc.ids[i] for i in keep],
+        labels=None if enc.labels is None else enc.labels[index],
+        input_ids=pick(enc.input_ids),
+        token_type_ids=pick(enc.token_type_ids),
+        input_ids_b=pick(enc.input_ids_b),
+        lengths=enc.lengths[index],
+    )
+
+
+def exclude_stage1(data: data_lib.TaskData, stage1: Stage1Result | None) -> data_lib.TaskData:
+    """``data`` with the stage-1 pairs removed from Quora training; ``data`` itself is untouched.
+
+    A search shares one pre-tokenized :class:`~mtl.data.TaskData` between trials with and without
+    stage 1, so this returns a new object whose ``train["para"]`` is a filtered copy.
+    """
+    if stage1 is None or "para" not in data.train:
+        return data
+    para = data.train["para"]
+    keep = [i for i, example_id in enumerate(para.ids) if example_id not in stage1.ids]
+    log.info("para: held out %d stage-1 training pairs", len(para) - len(keep))
+    return replace(data, train={**data.train, "para": select(para, keep)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    """``$MTL_CACHE_DIR/stage1``, else ``~/.cache/mtl/stage1``."""
+    root = os.environ.get("MTL_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "mtl"
+    return base / "stage1"
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _weights_file(backbone_dir: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (backbone_dir / name).is_file():
+            return backbone_dir / name
+    raise FileNotFoundError(f"{backbone_dir} has neither model.safetensors nor pytorch_model.bin")
+
+
+def cache_key(backbone_dir: Path, cfg: ContrastiveConfig, data_dir: Path, seed: int) -> str:
+    """Hash of everything stage 1's result depends on.
+
+    The backbone enters by content (config.json and weights), not by path, so copies of the same
+    weights in different places share entries; ``enabled`` and ``cache_dir`` do not enter, nor do
+    the device and precision stage 1 happens to run on.
+    """
+    parts = {
+        "format": CACHE_FORMAT,
+        "backbone": {
+            "config.json": _sha256(backbone_dir / "config.json"),
+            "weights": _sha256(_weights_file(backbone_dir)),
+        },
+        "stage1": cfg.model_dump(mode="json", exclude={"enabled", "cache_dir"}),
+        "data": {name: _sha256(data_dir / name) for name in _QUORA_FILES},
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def save_atomic(path: Path, tensors: dict[str, Tensor], record: dict) -> None:
+    """Writes ``tensors`` (with ``record`` as metadata) to a temporary name, then renames it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, tmp, metadata={"record": json.dumps(record)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_record(path: Path) -> dict:
+    """The record stored with a cached stage-1 encoder."""
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads(fh.metadata()["record"])
+
+
+def load_encoder(encoder: BertModel, path: str | Path) -> None:
+    """Loads a stage-1 encoder's weights into ``encoder`` (same architecture, strict keys)."""
+    encoder.load_state_dict(load_file(str(path)), strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1
+
+
+@dataclass(frozen=True)
+class Stage1Result:
+    """What stage 1 hands to stage 2.
+
+    Attributes:
+        path: the cached encoder weights.
+        key: the cache key.
+        cache_hit: the encoder came from the cache and no stage 1 was trained.
+        steps: optimizer steps this call trained (0 on a hit).
+        ids: the Quora training ids of the stage-1 fraction (held out of stage 2).
+        record: how the cached encoder was trained (epochs, losses, sizes).
+    """
+
+    path: Path
+    key: str
+    cache_hit: bool
+    steps: int
+    ids: frozenset[str]
+    record: dict
+
+
+def _cls_pair(encoder: BertModel, batch: data_lib.Batch) -> tuple[Tensor, Tensor]:
+    """[CLS] embeddings (batch, hidden) of both sentences of each pair, in one encoder pass."""
+    assert batch.input_ids_b is not None and batch.attention_mask_b is not None
+    length = max(batch.input_ids.shape[1], batch.input_ids_b.shape[1])
+
+    def pad(x: Tensor) -> Tensor:
+        return F.pad(x, (0, length - x.shape[1]))
+
+    ids = torch.cat([pad(batch.input_ids), pad(batch.input_ids_b)])  # (2 * batch, length)
+    mask = torch.cat([pad(batch.attention_mask), pad(batch.attention_mask_b)])
+    cls = encoder(ids, mask).last_hidden_state[:, 0]  # (2 * batch, hidden)
+    return cls.chunk(2)
+
+
+def _mean_loss(
+    encoder: BertModel,
+    enc: data_lib.Encoded,
+    cfg: ContrastiveConfig,
+    device: torch.device,
+    autocast: Callable,
+) -> float:
+    """Mean validation loss over length-sorted batches (a fixed order)."""
+    encoder.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for indices in data_lib.batch_order(enc.lengths, cfg.batch_size, None):
+            batch = data_lib.collate(enc, indices).to(device)
+            with autocast():
+                u, v = _cls_pair(encoder, batch)
+            total += LOSSES[cfg.loss](u, v, batch.labels, cfg).item() * len(indices)
+            count += len(indices)
+    encoder.train()
+    return total / max(1, count)
+
+
+def train_stage1(
+    encoder: BertModel,
+    train_set: data_lib.Encoded,
+    val_set: data_lib.Encoded,
+    cfg: ContrastiveConfig,
+    seed: int,
+    device: torch.device,
+    autocast: Callable = contextlib.nullcontext,
+) -> tuple[dict[str, Tensor], dict]:
+    """Trains ``encoder`` contrastively and returns the best state (by validation loss).
+
+    Returns:
+        The best state dict (on the CPU) and a record: epochs run, optimizer steps, the
+        validation loss of every epoch and the best one.
+    """
+    encoder.to(device).train()
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr)
+    loss_fn = LOSSES[cfg.loss]
+    best, best_state, bad, steps = float("inf"), None, 0, 0
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.epochs):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        total = 0.0
+        order = data_lib.batch_order(train_set.lengths, cfg.batch_size, gen, bucket=False)
+        for indices in order:
+            batch = data_lib.collate(train_set, indices).to(device)
+            with autocast():
+                u, v = _cls_pair(encoder, batch)
+            loss = loss_fn(u, v, batch.labels, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total += loss.item()
+        val = _mean_loss(encoder, val_set, cfg, device, autocast)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(1, len(order)), "val": val})
+        log.info(
+            "stage 1 epoch %d: train %.4f, val %.4f", epoch + 1, history[-1]["train_loss"], val
+        )
+        if val < best:
+            best, bad = val, 0
+            best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in encoder.state_dict().items()
+            }
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is None:
+        raise RuntimeError(f"stage 1: the validation loss was never finite ({history})")
+    record = {"epochs": len(history), "steps": steps, "best_val_loss": best, "history": history}
+    return best_state, record
+
+
+def _keep_ids(raw: data_lib.RawSplit, ids: set[str]) -> data_lib.RawSplit:
+    keep = [i for i, example_id in enumerate(raw.ids) if example_id in ids]
+    return replace(
+        raw,
+        ids=[raw.ids[i] for i in keep],
+        text_a=[raw.text_a[i] for i in keep],
+        text_b=None if raw.text_b is None else [raw.text_b[i] for i in keep],
+        labels=None if raw.labels is None else [raw.labels[i] for i in keep],
+    )
+
+
+def run_stage1(
+    cfg: Config,
+    device: torch.device | str = "cpu",
+    autocast: Callable = contextlib.nullcontext,
+) -> Stage1Result:
+    """The stage-1 encoder for ``cfg``: from the cache, or trained now and cached.
+
+    Args:
+        cfg: the run's config (``contrastive``, ``model.backbone``, ``data.data_dir``, ``seed``).
+        device: where to train on a cache miss.
+        autocast: a context factory for mixed precision, as the training loop uses.
+
+    Returns:
+        The cached weights' path, whether it was a hit, and the stage-1 ids.
+    """
+    c = cfg.contrastive
+    data_dir = data_lib.resolve_data_dir(cfg.data.data_dir)
+    backbone_dir = resolve_backbone(cfg.model.backbone)
+    quora = data_lib.read_split(data_dir, "para", "train")
+    stage1_ids, _ = split_ids(quora.ids, c.fraction, cfg.seed)
+    key = cache_key(backbone_dir, c, data_dir, cfg.seed)
+    cache_dir = Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir()
+    path = cache_dir / f"{key}.safetensors"
+    if path.is_file():
+        log.info("stage 1: cache hit %s", path)
+        return Stage1Result(path, key, True, 0, frozenset(stage1_ids), read_record(path))
+
+    started = time.time()
+    tokenizer = load_tokenizer(backbone_dir)
+    train_raw = data_lib.subsample(_keep_ids(quora, stage1_ids), c.max_examples, cfg.seed)
+    val_raw = data_lib.subsample(
+        data_lib.read_split(data_dir, "para", "dev"), c.max_examples, cfg.seed
+    )
+    train_set = data_lib.encode(train_raw, tokenizer, c.max_length, design=1)
+    val_set = data_lib.encode(val_raw, tokenizer, c.max_length, design=1)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        encoder = BertModel.from_pretrained(str(backbone_dir))
+        state, record = train_stage1(
+            encoder, train_set, val_set, c, cfg.seed, torch.device(device), autocast
+        )
+    record.update(
+        key=key,
+        backbone=cfg.model.backbone,
+        config=c.model_dump(mode="json"),
+        seed=cfg.seed,
+        train_pairs=len(train_set),
+        val_pairs=len(val_set),
+        seconds=round(time.time() - started, 1),
+    )
+    save_atomic(path, state, record)
+    log.info("stage 1: trained %d steps, cached %s", record["steps"], path)
+    return Stage1Result(path, key, False, record["steps"], frozenset(stage1_ids), record)
+
+
+def stage1_for_run(
+    cfg: Config, run_dir: Path, device: torch.device, autocast: Callable
+) -> Stage1Result | None:
+    """Stage 1 for a training run (None when ``contrastive.enabled`` is off).
+
+    Writes ``stage1.json`` in the run folder: the key, the cache path, whether it was a hit, the
+    steps trained by this run and how the cached encoder was trained.
+    """
+    if not cfg.contrastive.enabled:
+        return None
+    result = run_stage1(cfg, device, autocast)
+    summary = {k: v for k, v in asdict(result).items() if k != "ids"}
+    summary.update(path=str(result.path), stage1_pairs=len(result.ids))
+    (run_dir / "stage1.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+__all__ = [
+    "Stage1Result",
+    "cache_key",
+    "default_cache_dir",
+    "exclude_stage1",
+    "infonce_loss",
+    "load_encoder",
+    "margin_loss",
+    "run_stage1",
+    "save_atomic",
+    "select",
+    "split_ids",
+    "stage1_for_run",
+    "train_stage1",
+]

@@ -1,0 +1,181 @@
+"""Stage 1: the two losses by hand, the Quora split, early stopping and the stage-1 cache."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl import contrastive
+from mtl import data as data_lib
+from mtl.config import Config, ContrastiveConfig, build_config
+
+
+def _unit(angle_deg: float) -> list[float]:
+    a = math.radians(angle_deg)
+    return [math.cos(a), math.sin(a)]
+
+
+def test_margin_loss_by_hand() -> None:
+    u = torch.tensor([_unit(0), _unit(0), _unit(0), _unit(0)])
+    v = torch.tensor([_unit(90), _unit(90), _unit(0), [0.9, math.sqrt(1 - 0.81)]])
+    y = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    # d^2 = 2 - 2 cos: 2, 2, 0, 0.2
+    expected = [
+        0.5 * 2.0,  # duplicate, orthogonal: 0.5 * d^2
+        0.0,  # non-duplicate farther than m = 0.5
+        0.5 * 0.5**2,  # non-duplicate, identical: 0.5 * m^2
+        0.5 * (0.5 - math.sqrt(0.2)) ** 2,
+    ]
+    loss = contrastive.margin_loss(u, v, y, margin=0.5)
+    assert loss.item() == pytest.approx(sum(expected) / 4, rel=1e-6)
+    # Computed on L2-normalised embeddings: the scale of the raw vectors does not matter.
+    assert contrastive.margin_loss(7 * u, 3 * v, y).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_margin_loss_gradient_is_finite_for_identical_embeddings() -> None:
+    u = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    contrastive.margin_loss(u, u.detach().clone(), torch.tensor([0.0])).backward()
+    assert torch.isfinite(u.grad).all()
+
+
+def test_infonce_by_hand() -> None:
+    """Rows: the duplicates' first sentences; columns: every pair's second sentence."""
+    angles_u, angles_v = [0, 50, 100], [20, 60, 130]
+    u = 3 * torch.tensor([_unit(a) for a in angles_u])
+    v = 5 * torch.tensor([_unit(a) for a in angles_v])
+    y = torch.tensor([1, 0, 1])
+    tau = 0.5
+    terms = []
+    for i in (0, 2):  # pair 1 is a non-duplicate: no row, but its v is a hard-negative column
+        sims = [math.cos(math.radians(angles_u[i] - b)) / tau for b in angles_v]
+        terms.append(-(sims[i] - math.log(sum(math.exp(s) for s in sims))))
+    loss = contrastive.infonce_loss(u, v, y, temperature=tau)
+    assert loss.item() == pytest.approx(sum(terms) / 2, rel=1e-6)
+
+
+def test_infonce_without_duplicates_is_zero_and_still_backpropagates() -> None:
+    u = torch.randn(3, 4, requires_grad=True)
+    loss = contrastive.infonce_loss(u, torch.randn(3, 4), torch.zeros(3))
+    loss.backward()
+    assert loss.item() == 0.0 and u.grad is not None
+
+
+def test_split_is_disjoint_deterministic_and_order_free() -> None:
+    ids = [f"id{i}" for i in range(1000)]
+    first, rest = contrastive.split_ids(ids, 0.15, seed=0)
+    assert len(first) == 150 and len(rest) == 850
+    assert not first & rest and first | rest == set(ids)
+    shuffled = ids[:]
+    random.Random(1).shuffle(shuffled)
+    assert contrastive.split_ids(shuffled, 0.15, seed=0) == (first, rest)
+    assert contrastive.split_ids(ids, 0.15, seed=1)[0] != first
+
+
+def _stage1_config(backbone: Path, data_dir: Path, cache: Path, **stage1: object) -> Config:
+    return build_config(
+        {
+            "seed": 5,
+            "model": {"backbone": str(backbone)},
+            "data": {"data_dir": str(data_dir)},
+            "contrastive": {
+                "enabled": True,
+                "cache_dir": str(cache),
+                "max_examples": 24,
+                "batch_size": 8,
+                "max_length": 16,
+                "epochs": 1,
+                **stage1,
+            },
+        }
+    )
+
+
+def test_stage1_fraction_is_held_out_of_quora_training(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
+) -> None:
+    from mtl.backbones import load_tokenizer
+
+    cfg = _stage1_config(tiny_backbone, real_data_dir, tmp_path / "cache")
+    result = contrastive.run_stage1(cfg)
+    quora = data_lib.read_split(real_data_dir, "para", "train")
+    assert len(result.ids) == round(0.15 * len(set(quora.ids)))
+    assert result.record["train_pairs"] == 24  # max_examples of the stage-1 fraction
+    shared = data_lib.load_task_data(
+        cfg.data.model_copy(
+            update={"tasks": ("para",), "max_train_examples": 400, "max_eval_examples": 8}
+        ),
+        load_tokenizer(tiny_backbone),
+        design=2,
+        seed=0,
+    )
+    before = list(shared.train["para"].ids)
+    stage2 = contrastive.exclude_stage1(shared, result)
+    kept = stage2.train["para"]
+    assert not set(kept.ids) & result.ids
+    assert set(kept.ids) == set(before) - result.ids
+    assert 0 < len(before) - len(kept) < len(before)  # about 15% of the 400 go
+    assert shared.train["para"].ids == before  # the shared data is untouched
+    assert len(kept.input_ids) == len(kept.labels) == len(kept.lengths) == len(kept)
+    position = before.index(kept.ids[0])
+    assert torch.equal(kept.input_ids[0], shared.train["para"].input_ids[position])
+    assert contrastive.exclude_stage1(shared, None) is shared
+
+
+def test_second_run_with_the_same_key_hits_the_cache(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cfg = _stage1_config(tiny_backbone, real_data_dir, cache)
+    first = contrastive.run_stage1(cfg)
+    assert not first.cache_hit and first.steps == 3  # 24 pairs in batches of 8, one epoch
+    assert sorted(p.name for p in cache.iterdir()) == [f"{first.key}.safetensors"]
+    # The same weights under another path share the entry: the backbone enters by content.
+    moved = shutil.copytree(tiny_backbone, tmp_path / "elsewhere")
+    second = contrastive.run_stage1(_stage1_config(moved, real_data_dir, cache))
+    assert second.cache_hit and second.steps == 0
+    assert second.key == first.key and second.ids == first.ids
+    assert second.record["steps"] == 3
+    # Another seed or another stage-1 setting is another key.
+    reseeded = contrastive.run_stage1(cfg.model_copy(update={"seed": 6}))
+    assert not reseeded.cache_hit and reseeded.key != first.key
+    other_loss = contrastive.run_stage1(
+        _stage1_config(tiny_backbone, real_data_dir, cache, loss="infonce")
+    )
+    assert not other_loss.cache_hit and other_loss.key not in (first.key, reseeded.key)
+
+
+def test_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "key.safetensors"
+    tensors = {"w": torch.ones(2)}
+    contrastive.save_atomic(target, tensors, {"steps": 1})
+    assert contrastive.read_record(target) == {"steps": 1}
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        contrastive.save_atomic(tmp_path / "other.safetensors", tensors, {})
+    # Nothing half-written under the final name, no temporary file left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.safetensors"]
+
+
+def test_early_stopping_waits_patience_epochs(tiny_backbone: Path, real_data_dir: Path) -> None:
+    from mtl.backbones import load_tokenizer
+    from mtl.bert import BertModel
+
+    tokenizer = load_tokenizer(tiny_backbone)
+    raw = data_lib.subsample(data_lib.read_split(real_data_dir, "para", "dev"), 16, 0)
+    pairs = data_lib.encode(raw, tokenizer, 16, design=1)
+    cfg = ContrastiveConfig(lr=1e-12, epochs=10, patience=2, batch_size=8)
+    encoder = BertModel.from_pretrained(str(tiny_backbone))
+    # A learning rate of ~0 never lowers the validation loss after the first epoch.
+    state, record = contrastive.train_stage1(encoder, pairs, pairs, cfg, 0, torch.device("cpu"))
+    assert record["epochs"] == 3 and record["steps"] == 6
+    assert set(state) == set(encoder.state_dict())
