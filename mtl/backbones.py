@@ -63,13 +63,15 @@ def resolve_backbone(name_or_dir: str) -> Path:
 
 def _from_hub(name: str) -> Path:
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again so a worker that
     # sets it later (or a test's monkeypatch) is obeyed without any network attempt.
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get(
-        "HF_HUB_OFFLINE", ""
-    ).upper() in {"1", "ON", "YES", "TRUE"}
+    offline = (
+        constants.HF_HUB_OFFLINE
+        or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    )
     try:
         folder = Path(
             huggingface_hub.snapshot_download(
@@ -80,7 +82,9 @@ def _from_hub(name: str) -> Path:
             # Older repositories ship only the pickle; weights_only=True reads it safely.
             folder = Path(
                 huggingface_hub.snapshot_download(
-                    name, allow_patterns=[*_HUB_FILES, "pytorch_model.bin"], local_files_only=offline
+                    name,
+                    allow_patterns=[*_HUB_FILES, "pytorch_model.bin"],
+                    local_files_only=offline,
                 )
             )
     except (LocalEntryNotFoundError, HfHubHTTPError, ValueError) as err:

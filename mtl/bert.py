@@ -165,8 +165,12 @@ class BertSelfAttention(nn.Module):
         weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
         bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
         qkv = F.linear(hidden_states, weight, bias)  # (batch, seq, 3 * hidden)
-        qkv = qkv.view(batch, seq, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim), strided
+        # Split, not view-permute-unbind: the backward then assembles the fused gradient with
+        # one cat instead of a stack plus a copy.
+        q, k, v = (
+            t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            for t in qkv.split(hidden, dim=-1)
+        )  # each (batch, heads, seq, head_dim), a strided view of qkv
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
         )  # (batch, heads, seq, head_dim)
@@ -403,7 +407,9 @@ class BertModel(nn.Module):
         if problems:
             raise CheckpointError("checkpoint does not fit BertModel: " + "; ".join(problems))
         if keep_pooler:
-            logger.warning("checkpoint has no pooler weights: keeping a randomly initialised pooler")
+            logger.warning(
+                "checkpoint has no pooler weights: keeping a randomly initialised pooler"
+            )
             state_dict = {**state_dict, **{k: expected[k] for k in _POOLER_KEYS}}
         self.load_state_dict(state_dict, strict=True)
 
@@ -460,4 +466,3 @@ __all__ = [
     "convert_hf_state_dict",
     "read_checkpoint",
 ]
-

@@ -1,0 +1,470 @@
+"""Our encoder against ``transformers.BertModel``, its checkpoint loader and backbone lookup."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from mtl.backbones import BackboneError, load_tokenizer, resolve_backbone
+from mtl.bert import (
+    BertConfig,
+    BertModel,
+    BertOutput,
+    CheckpointError,
+    convert_hf_state_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Hugging Face's BertModelTester shape.
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three rows of 9 tokens with 9, 6 and 2 real ones, and two segments."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, TINY["vocab_size"], (3, 9), generator=gen)
+    attention_mask = (torch.arange(9) < torch.tensor([[9], [6], [2]])).long()
+    token_type_ids = (torch.arange(9) >= 4).long().expand(3, 9) * attention_mask
+    return dict(
+        input_ids=input_ids * attention_mask,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+    )
+
+
+def save_ours(model: BertModel, folder: Path, state_dict: dict | None = None) -> Path:
+    """Writes a Hugging Face style folder (config.json, model.safetensors) without transformers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(model.config)))
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, folder / "model.safetensors")
+    return folder
+
+
+def assert_same_output(ours: BertOutput, theirs, attention_mask: torch.Tensor) -> None:
+    """Real tokens and the pooler to 1e-5; padded positions, which nothing reads, to 1e-4."""
+    real = attention_mask.bool()
+    torch.testing.assert_close(
+        ours.last_hidden_state[real], theirs.last_hidden_state[real], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        ours.last_hidden_state, theirs.last_hidden_state, rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+# --- equivalence with transformers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_matches_transformers_on_tiny_config(tmp_path: Path, attn_implementation: str) -> None:
+    torch.manual_seed(0)
+    hf_config = transformers.BertConfig(**TINY, attn_implementation=attn_implementation)
+    theirs = transformers.BertModel(hf_config).eval()
+    assert theirs.config._attn_implementation == attn_implementation
+    theirs.save_pretrained(tmp_path)
+    ours = BertModel.from_pretrained(tmp_path).eval()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+    batch = tiny_batch()
+    with torch.no_grad():
+        assert_same_output(ours(**batch), theirs(**batch), batch["attention_mask"])
+        # No mask, and an all-ones mask (which takes SDPA's mask-free path), agree too.
+        ids = batch["input_ids"][:, :4] + 1
+        full = torch.ones_like(ids)
+        for mask in (None, full):
+            assert_same_output(ours(ids, mask), theirs(input_ids=ids, attention_mask=mask), full)
+
+
+@pytest.mark.slow
+def test_matches_transformers_on_minilm() -> None:
+    folder = resolve_backbone("minilm")
+    tokenizer = load_tokenizer(folder)
+    sentences = [
+        "A man is playing a guitar on the stage.",
+        "Stocks fell.",
+        "The quick brown fox jumps over the lazy dog, twice, before lunch.",
+        "Is this the same question as the other one?",
+    ]
+    batch = tokenizer(sentences[:2], sentences[2:], padding=True, return_tensors="pt")
+    assert not batch["attention_mask"].bool().all()
+    ours = BertModel.from_pretrained("minilm").eval()
+    for attn_implementation in ("eager", "sdpa"):
+        theirs = transformers.BertModel.from_pretrained(
+            str(folder), attn_implementation=attn_implementation
+        ).eval()
+        with torch.no_grad():
+            assert_same_output(ours(**batch), theirs(**batch), batch["attention_mask"])
+
+
+def test_inputs_embeds_equals_input_ids() -> None:
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY)).eval()
+    batch = tiny_batch()
+    embeds = model.embeddings.word_embeddings(batch["input_ids"])
+    with torch.no_grad():
+        by_ids = model(**batch)
+        by_embeds = model(
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            inputs_embeds=embeds,
+        )
+    torch.testing.assert_close(by_embeds.last_hidden_state, by_ids.last_hidden_state)
+    torch.testing.assert_close(by_embeds.pooler_output, by_ids.pooler_output)
+
+
+@pytest.mark.parametrize(
+    ("input_ids", "inputs_embeds"),
+    [(None, None), (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, 32))],
+)
+def test_exactly_one_input_is_required(input_ids, inputs_embeds) -> None:
+    model = BertModel(BertConfig(**TINY))
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(input_ids, inputs_embeds=inputs_embeds)
+
+
+def test_task_reaches_every_layer_and_wrappers_can_replace_layers() -> None:
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY)).eval()
+    seen: list[str | None] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, layer: torch.nn.Module) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, hidden_states, attn_mask, task=None):
+            seen.append(task)
+            return self.layer(hidden_states, attn_mask, task=task)
+
+    batch = tiny_batch()
+    with torch.no_grad():
+        before = model(**batch, task="sst").last_hidden_state
+        for i, layer in enumerate(model.encoder.layer):
+            assert layer.attention.self.query.in_features == TINY["hidden_size"]
+            assert layer.intermediate.dense.out_features == TINY["intermediate_size"]
+            model.encoder.layer[i] = Recorder(layer)
+        after = model(**batch, task="sst").last_hidden_state
+    assert seen == ["sst", "sst"]
+    torch.testing.assert_close(after, before)
+
+
+def test_init_is_hugging_face_like() -> None:
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**{**TINY, "hidden_size": 64, "intermediate_size": 256}))
+    layer = model.encoder.layer[0]
+    assert 0.015 < layer.intermediate.dense.weight.std().item() < 0.025
+    assert layer.intermediate.dense.bias.abs().max().item() == 0.0
+    assert torch.equal(layer.output.LayerNorm.weight, torch.ones(64))
+    assert model.embeddings.word_embeddings.weight[0].abs().max().item() == 0.0  # padding row
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_config_from_json_ignores_unknown_keys(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY, "architectures": ["BertModel"], "model_type": "bert"}))
+    assert BertConfig.from_json_file(path) == BertConfig(**TINY)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+        ({"is_decoder": True}, "is_decoder"),
+        ({"num_attention_heads": 5}, "not a multiple"),
+        ({"hidden_act": "swish"}, "hidden_act"),
+    ],
+)
+def test_config_rejects_what_we_do_not_implement(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        BertConfig.from_dict({**TINY, **overrides})
+
+
+# --- checkpoint loading ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hf_key", "our_key"),
+    [
+        ("embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"),
+        ("bert.pooler.dense.bias", "pooler.dense.bias"),
+        ("bert.embeddings.LayerNorm.gamma", "embeddings.LayerNorm.weight"),
+        ("encoder.layer.0.output.LayerNorm.beta", "encoder.layer.0.output.LayerNorm.bias"),
+        ("bert.embeddings.position_ids", None),
+        ("cls.predictions.transform.dense.weight", None),
+        ("cls.seq_relationship.bias", None),
+        ("encoder.layer.0.extra.weight", "encoder.layer.0.extra.weight"),
+    ],
+)
+def test_convert_hf_state_dict_rules(hf_key: str, our_key: str | None) -> None:
+    converted = convert_hf_state_dict({hf_key: torch.zeros(1)})
+    assert list(converted) == ([] if our_key is None else [our_key])
+
+
+def legacy_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What an old ``BertForPreTraining`` checkpoint looks like."""
+    out = {}
+    for key, value in state_dict.items():
+        if "LayerNorm" in key:
+            key = key.replace(".weight", ".gamma").replace(".bias", ".beta")
+        out["bert." + key] = value
+    out["bert.embeddings.position_ids"] = torch.arange(TINY["hidden_size"])[None]
+    out["cls.predictions.bias"] = torch.zeros(TINY["vocab_size"])
+    out["cls.seq_relationship.weight"] = torch.zeros(2, TINY["hidden_size"])
+    return out
+
+
+def test_loads_pretraining_checkpoint_layout(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = BertModel(BertConfig(**TINY))
+    save_ours(source, tmp_path, legacy_layout(source.state_dict()))
+    loaded = BertModel.from_pretrained(tmp_path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_from_pretrained_applies_config_overrides(tmp_path: Path) -> None:
+    save_ours(BertModel(BertConfig(**TINY)), tmp_path)
+    model = BertModel.from_pretrained(tmp_path, hidden_dropout_prob=0.0)
+    assert model.config.hidden_dropout_prob == 0.0
+    assert model.config.attention_probs_dropout_prob == 0.1
+
+
+@pytest.mark.parametrize(
+    ("break_it", "match"),
+    [
+        (
+            lambda sd: sd.pop("encoder.layer.1.intermediate.dense.bias"),
+            r"missing key encoder\.layer\.1\.intermediate\.dense\.bias",
+        ),
+        (
+            lambda sd: sd.update({"encoder.layer.0.adapter.weight": torch.zeros(2)}),
+            r"unexpected key encoder\.layer\.0\.adapter\.weight",
+        ),
+        (
+            lambda sd: sd.update({"embeddings.token_type_embeddings.weight": torch.zeros(3, 32)}),
+            r"shape mismatch embeddings\.token_type_embeddings\.weight: checkpoint \(3, 32\) vs model \(2, 32\)",
+        ),
+    ],
+    ids=["missing", "unexpected", "shape"],
+)
+def test_bad_checkpoint_is_refused_naming_the_key(break_it, match: str) -> None:
+    state_dict = BertModel(BertConfig(**TINY)).state_dict()
+    break_it(state_dict)
+    with pytest.raises(CheckpointError, match=match):
+        BertModel(BertConfig(**TINY)).load_hf_state_dict(state_dict)
+
+
+def test_bad_checkpoint_names_every_problem_and_copies_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state_dict = BertModel(BertConfig(**TINY)).state_dict()
+    del state_dict["encoder.layer.0.attention.self.key.weight"]
+    del state_dict["encoder.layer.1.output.dense.bias"]
+    state_dict["bert.encoder.layer.0.attention.self.qkv.weight"] = torch.zeros(96, 32)
+    state_dict["pooler.dense.weight"] = torch.zeros(32, 31)
+    save_ours(BertModel(BertConfig(**TINY)), tmp_path, state_dict)
+
+    target = BertModel(BertConfig(**TINY))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        target.load_hf_state_dict(state_dict)
+    message = str(err.value)
+    for expected in (
+        "missing key encoder.layer.0.attention.self.key.weight",
+        "missing key encoder.layer.1.output.dense.bias",
+        "unexpected key encoder.layer.0.attention.self.qkv.weight",
+        "shape mismatch pooler.dense.weight: checkpoint (32, 31) vs model (32, 32)",
+    ):
+        assert expected in message
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    with pytest.raises(
+        CheckpointError, match=r"missing key encoder\.layer\.0\.attention\.self\.key"
+    ):
+        BertModel.from_pretrained(tmp_path)
+
+
+def test_checkpoint_without_pooler_keeps_fresh_pooler(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    source = BertModel(BertConfig(**TINY))
+    state_dict = {k: v for k, v in source.state_dict().items() if not k.startswith("pooler.")}
+    target = BertModel(BertConfig(**TINY))
+    pooler_before = target.pooler.dense.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="mtl.bert"):
+        target.load_hf_state_dict(state_dict)
+    assert "no pooler weights" in caplog.text
+    assert torch.equal(target.pooler.dense.weight, pooler_before)
+    assert torch.equal(
+        target.encoder.layer[1].output.dense.weight, source.encoder.layer[1].output.dense.weight
+    )
+
+
+class _Payload:
+    """Any class at all: unpickling it must not be allowed."""
+
+
+def test_pytorch_bin_is_read_with_weights_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = BertModel(BertConfig(**TINY))
+    save_ours(source, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(legacy_layout(source.state_dict()), tmp_path / "pytorch_model.bin")
+    loaded = BertModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.pooler.dense.weight, source.pooler.dense.weight)
+
+    torch.save({"embeddings.word_embeddings.weight": _Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        BertModel.from_pretrained(tmp_path)
+
+
+def test_folder_without_weights_fails(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    with pytest.raises(
+        FileNotFoundError, match=r"neither model\.safetensors nor pytorch_model\.bin"
+    ):
+        BertModel.from_pretrained(tmp_path)
+
+
+def test_bert_needs_no_transformers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_ours(BertModel(BertConfig(**TINY)), tmp_path)
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # any import of it now raises ImportError\n"
+        "import torch\n"
+        "from mtl.bert import BertModel\n"
+        "model = BertModel.from_pretrained(sys.argv[1]).eval()\n"
+        "out = model(torch.tensor([[2, 5, 7]]))\n"
+        "assert out.last_hidden_state.shape == (1, 3, 32)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- backbones ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", ["minilm", "MiniLM", "all-minilm-l6-v2"])
+def test_minilm_aliases_resolve_to_the_packaged_model(alias: str) -> None:
+    folder = resolve_backbone(alias)
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+
+
+def test_local_folder_resolves_to_itself(tmp_path: Path) -> None:
+    assert resolve_backbone(str(tmp_path)) == tmp_path
+
+
+UNKNOWN_BACKBONE_MESSAGE = (
+    r"'no-such-org/no-such-bert' is neither a local folder nor in the Hugging Face hub cache "
+    r".*network access"
+)
+
+
+def test_unknown_backbone_fails_clearly_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match=UNKNOWN_BACKBONE_MESSAGE):
+        resolve_backbone("no-such-org/no-such-bert")
+
+
+def test_unknown_backbone_fails_clearly_in_a_fresh_interpreter() -> None:
+    # Nothing imported beforehand: catches a lazily imported submodule that only worked
+    # because another test had imported it.
+    code = (
+        "from mtl.backbones import BackboneError, resolve_backbone\n"
+        "try:\n"
+        "    resolve_backbone('no-such-org/no-such-bert')\n"
+        "except BackboneError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(UNKNOWN_BACKBONE_MESSAGE, result.stdout)
+
+
+@pytest.mark.slow
+def test_tokenizer_loads_from_the_packaged_model() -> None:
+    tokenizer = load_tokenizer(resolve_backbone("minilm"))
+    assert isinstance(tokenizer, transformers.PreTrainedTokenizerFast)
+    assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
+# --- the benchmark's own smoke run ----------------------------------------------------------
+
+
+SMOKE_ARGS = (
+    "--device",
+    "cpu",
+    "--config",
+    "base",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--shapes",
+    "2x16",
+)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_cpu_with_base_shape() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/encoder_step.py", *SMOKE_ARGS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "gradients of all 199 parameters agree" in result.stdout
+    assert "2x16 wall: ours" in result.stdout
+    assert "median ratio ours/hf" in result.stdout
