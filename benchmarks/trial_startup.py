@@ -1,0 +1,178 @@
+"""Seconds from a trial's start to its first optimizer step: shared data against per-trial loading.
+
+A search builds the tokenized data once (the :class:`mtl.search.trainable.DataCache` actor) and
+hands it to each trial through Ray's object store; the baseline lets every trial read the csv
+files and tokenize them itself (``data_cache=None``, what ``mtl.train`` does alone). Both run the
+real trial function (:func:`mtl.search.trainable.run_trial`) under a real Tuner on a local Ray,
+one trial at a time, MiniLM on CPU (1 CPU per trial), ``train.max_steps: 1``.
+
+Two clocks:
+
+* ``function``: from the trial function's first line to the end of the first
+  ``optimizer.step()`` (a global ``torch.optim`` post-hook): config, checkpoint lookup, data,
+  weights, model, first batch. This is the part the search controls; the 3-second target.
+* ``process`` (first trial only): from the start of the Ray worker process that runs the trial
+  (``/proc/self/stat``), adding Python, Ray, torch and transformers start-up. Later trials reuse
+  that process (``reuse_actors=True``, as ``mtl.search`` runs them), so they do not pay it.
+
+The first trial also builds the cache in the shared run; it is reported apart from the later
+trials' median. Two data sizes: the quick.yaml slices (400 training and 200 dev examples per
+task) and every training example of the CS224N files (dev still 200 per task: evaluation is not
+timed).
+
+    python benchmarks/trial_startup.py              # 4 trials per setting, about 5 minutes
+    python benchmarks/trial_startup.py --trials 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from mtl.search.run import make_run_config, make_trainable
+from mtl.search.space import parse_space
+from mtl.search.trainable import DataCache, run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _process_start() -> float:
+    """When this process started (Linux), in time.time() seconds."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    boot = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime")
+    )
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_trial(config: dict, spec, out: str) -> None:
+    """run_trial, recording when the first optimizer step ends."""
+    started = time.time()
+    marks: dict[str, float] = {}
+
+    def first_step(optimizer, args, kwargs) -> None:
+        marks.setdefault("first_step", time.time())
+
+    handle = register_optimizer_step_post_hook(first_step)
+    try:
+        run_trial(config, spec)
+    finally:
+        handle.remove()
+        record = {
+            "function_start": started,
+            "process_start": _process_start(),
+            **marks,
+            "trial_id": tune.get_context().get_trial_id(),
+        }
+        Path(out, f"{record['trial_id']}.json").write_text(json.dumps(record))
+
+
+def run(setting: str, shared: bool, trials: int, root: Path, data_dir: str) -> list[dict]:
+    name = f"{setting}-{'shared' if shared else 'own'}"
+    out = root / name / "timings"
+    out.mkdir(parents=True)
+    train_examples = 400 if setting == "quick" else None
+    space = parse_space(
+        {
+            "experiment": {"name": name, "storage_path": str(root / "results")},
+            "base": {
+                "model": {"backbone": "minilm", "head_hidden": 256},
+                "data": {
+                    "data_dir": data_dir,
+                    "max_train_examples": train_examples,
+                    "max_eval_examples": 200,
+                    "max_length": 64,
+                },
+                "train": {
+                    "max_steps": 1,
+                    "batch_size": 16,
+                    "device": "cpu",
+                    "write_predictions": False,
+                },
+            },
+            "search": {"sampler": "random"},
+            "scheduler": {"type": "fifo"},
+            "resources_per_trial": {"cpu": 1},
+            "failure": {"max_retries": 0},
+        }
+    )
+    cache = DataCache.remote() if shared else None
+    run_config = make_run_config(space, _experiment(space), verbose=0)
+    tuner = tune.Tuner(
+        make_trainable(space, cache, fn=timed_trial, out=str(out)),
+        # As mtl.search runs trials: later trials reuse the first one's worker process.
+        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1, reuse_actors=True),
+        run_config=run_config,
+    )
+    tuner.fit()
+    if cache is not None:
+        ray.kill(cache)
+    rows = []
+    for path in sorted(out.glob("*.json")):
+        rec = json.loads(path.read_text())
+        rows.append(
+            {
+                "from_function": rec["first_step"] - rec["function_start"],
+                "from_process": rec["first_step"] - rec["process_start"],
+                "function_start": rec["function_start"],
+            }
+        )
+    return sorted(rows, key=lambda r: r["function_start"])
+
+
+def _experiment(space):
+    from mtl.search.run import locate
+
+    return locate(space)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=4, help="trials per setting (default 4)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("MTL_DATA_DIR", str(REPO.parent / "shared" / "data" / "cs224n")),
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    root = Path(tempfile.mkdtemp(prefix="trial-startup-"))
+    print(f"MiniLM on CPU, {args.trials} trials per setting, one at a time; seconds to first step")
+    print(
+        f"{'data':6} {'mode':7} {'first: function':>16} {'first: process':>15} {'later: function':>16}"
+    )
+    medians = {}
+    for setting in ("quick", "full"):
+        for shared in (False, True):
+            rows = run(setting, shared, args.trials, root, args.data_dir)
+            medians[(setting, shared)] = statistics.median(r["from_function"] for r in rows[1:])
+            mode = "shared" if shared else "own"
+            print(
+                f"{setting:6} {mode:7} {rows[0]['from_function']:16.2f}"
+                f" {rows[0]['from_process']:15.2f} {medians[(setting, shared)]:16.2f}",
+                flush=True,
+            )
+    print("(later: the median of the trials after the first)")
+    for setting in ("quick", "full"):
+        own, shared = medians[(setting, False)], medians[(setting, True)]
+        verdict = "meets" if shared <= 3.0 else "misses"
+        print(
+            f"{setting}: later trials shared/own = {shared / own:.2f};"
+            f" shared {shared:.2f} s {verdict} the 3 s target"
+        )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""Run a design space with Ray Tune: OptunaSearch (define-by-run) or grid, ASHA or FIFO.
+
+``run_search`` starts (or joins) Ray, checks that every node can reach the storage path, starts
+the data cache, builds the Tuner (or restores it with ``resume=True``), runs it and writes the
+results (:mod:`mtl.search.results`), then the seed repeats of the best configurations.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from mtl.config import build_config, merge
+from mtl.search import results as results_lib
+from mtl.search.searcher import CLOSED_ATTR, PruningOptunaSearch, make_sampler
+from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
+from mtl.search.trainable import POINT_KEY, DataCache, NoRetryOnNonFinite, TrialSpec, run_trial
+
+log = logging.getLogger(__name__)
+
+SMOKE_TRIALS = 3
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Where an experiment lives."""
+
+    name: str
+    storage_path: str  # absolute local folder or URI
+    study_url: str | None  # SQLAlchemy URL of the Optuna study (None: grid, no study)
+
+    @property
+    def path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
+    def is_local(self) -> bool:
+        return not is_uri(self.storage_path)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def locate(space: DesignSpace) -> Experiment:
+    """Resolve the storage path and the study database of ``space``."""
+    exp = space.experiment
+    storage = exp.storage_path
+    if not is_uri(storage):
+        storage = str(Path(storage).expanduser().resolve())
+    study_url = exp.study_storage
+    if study_url is None and space.search.sampler != "grid":
+        # SQLite cannot live on object storage: keep it on the driver's disk, beside the folder.
+        folder = Path(storage) if not is_uri(storage) else Path.cwd()
+        study_url = f"sqlite:///{folder / (exp.name + '.optuna.db')}"
+    return Experiment(exp.name, storage, study_url)
+
+
+def smoke_space(space: DesignSpace, has_gpu: bool) -> DesignSpace:
+    """The same space with a tiny budget: a few trials, tiny data slices, two evaluations each."""
+    base = merge(
+        space.base,
+        {
+            "data": {"max_train_examples": 64, "max_eval_examples": 64, "max_length": 64},
+            "train": {
+                "epochs": 1,
+                "eval_every": 0.5,
+                "max_steps": None,
+                "batch_size": min(16, build_config(space.base).train.batch_size),
+                "write_predictions": False,
+            },
+        },
+    )
+    search = space.search.model_copy(
+        update={
+            "num_samples": SMOKE_TRIALS if space.search.sampler != "grid" else 1,
+            "points_to_evaluate": space.search.points_to_evaluate[:SMOKE_TRIALS],
+            "time_budget_s": None,
+            "repeats": None,
+        }
+    )
+    scheduler = space.scheduler.model_copy(update={"max_t": 2, "grace_period": 1})
+    resources = space.resources_per_trial
+    if not has_gpu:
+        resources = resources.model_copy(update={"gpu": 0.0})
+    experiment = space.experiment.model_copy(update={"name": space.experiment.name + "-smoke"})
+    return space.model_copy(
+        update={
+            "base": base,
+            "search": search,
+            "scheduler": scheduler,
+            "resources_per_trial": resources,
+            "experiment": experiment,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray and storage
+
+
+def init_ray(
+    address: str | None,
+    num_cpus: int | None = None,
+    dashboard_host: str = "127.0.0.1",
+    include_dashboard: bool | None = None,
+) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start a local Ray for this run."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        address="local",  # a new Ray for this run, even if `ray start` left one running
+        num_cpus=num_cpus,
+        include_dashboard=include_dashboard,
+        dashboard_host=dashboard_host,
+    )
+
+
+@ray.remote(num_cpus=0)
+def _read_marker(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def probe_storage(storage_path: str, min_nodes: int = 2) -> None:
+    """Refuse a local storage path that some node of the cluster cannot read.
+
+    Each node's trials write their results and checkpoints to the storage path, so on a cluster
+    it must be a shared folder (NFS, ...) or a URI. A marker file written here must be readable
+    from a task pinned to every node. URIs (s3://, gs://, ...) pass without a probe.
+    """
+    if is_uri(storage_path):
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < min_nodes:
+        return
+    Path(storage_path).mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = Path(storage_path) / f".probe-{token}"
+    marker.write_text(token)
+    try:
+        for node in nodes:
+            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            seen = ray.get(_read_marker.options(scheduling_strategy=strategy).remote(str(marker)))
+            if seen != token:
+                raise SpaceError(
+                    f"experiment.storage_path: {storage_path} is not reachable from node "
+                    f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}); use a folder shared by "
+                    "every node or a URI such as s3://bucket/path"
+                )
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _cluster_has_gpu() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The Tuner
+
+
+def _settings(space: DesignSpace) -> dict[str, Any]:
+    """Trainer settings forced for trials under Ray."""
+    base = build_config(space.base)
+    threads = base.train.num_threads or max(1, int(space.resources_per_trial.cpu))
+    return {"output_dir": None, "train": {"progress": False, "num_threads": threads}}
+
+
+def _param_space(space: DesignSpace) -> dict[str, Any]:
+    if space.search.sampler != "grid":
+        return {}
+    if any(p.when for p in space.parameters.values()):
+        return {POINT_KEY: tune.grid_search(grid_points(space))}
+    return {name: tune.grid_search(finite_values(p) or []) for name, p in space.parameters.items()}
+
+
+def make_searcher(space: DesignSpace, study_url: str) -> PruningOptunaSearch:
+    parallel = (space.search.max_concurrent_trials or 2) > 1
+    sampler = make_sampler(
+        space.search.sampler, space.experiment.seed, parallel, space.search.startup_trials
+    )
+    return PruningOptunaSearch(
+        space=functools.partial(suggest, space=space),
+        metric=f"best_{space.objective.metric}",
+        mode=space.objective.mode,
+        points_to_evaluate=[dict(p) for p in space.search.points_to_evaluate] or None,
+        sampler=sampler,
+        study_name=space.experiment.name,
+        storage=optuna.storages.RDBStorage(study_url),
+    )
+
+
+def make_scheduler(space: DesignSpace):
+    sched = space.scheduler
+    if sched.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="evaluation",
+        metric=f"best_{space.objective.metric}",
+        mode=space.objective.mode,
+        max_t=space.max_t,
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+        # Reaching max_t is the trial's own end: let the trainer finish (predictions, HParams).
+        stop_last_trials=False,
+    )
+
+
+def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **kwargs: Any):
+    """``fn(config, spec=TrialSpec, **kwargs)`` with the trial's resources (benchmarks wrap it)."""
+    spec = TrialSpec(
+        base=space.trial_config({}),
+        paths={name: space.path_of(name) for name in space.parameters},
+        metric=space.objective.metric,
+        data_cache=data_cache,
+        settings=_settings(space),
+    )
+    res = space.resources_per_trial
+    return tune.with_resources(
+        tune.with_parameters(fn, spec=spec, **kwargs), {"cpu": res.cpu, "gpu": res.gpu}
+    )
+
+
+def make_run_config(space: DesignSpace, exp: Experiment, verbose: int = 1) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=exp.name,
+        storage_path=exp.storage_path,
+        failure_config=tune.FailureConfig(max_failures=space.failure.max_retries),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=space.checkpoints.num_to_keep,
+            checkpoint_score_attribute=space.objective.metric,
+            checkpoint_score_order=space.objective.mode,
+        ),
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        callbacks=[NoRetryOnNonFinite()],
+        verbose=verbose,
+    )
+
+
+def _study_exists(url: str, name: str) -> bool:
+    try:
+        names = optuna.study.get_all_study_names(storage=url)
+    except Exception:  # no database yet
+        return False
+    return name in names
+
+
+def _prepare(space: DesignSpace, exp: Experiment, resume: bool, fresh: bool) -> None:
+    if exp.is_local:
+        Path(exp.storage_path).mkdir(parents=True, exist_ok=True)
+    if exp.study_url and exp.study_url.startswith("sqlite:///"):
+        Path(exp.study_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    exists = tune.Tuner.can_restore(exp.path)
+    if fresh:
+        if exp.is_local:
+            shutil.rmtree(exp.path, ignore_errors=True)
+        if exp.study_url and _study_exists(exp.study_url, exp.name):
+            optuna.delete_study(study_name=exp.name, storage=exp.study_url)
+        return
+    if resume and not exists:
+        raise SpaceError(f"--resume: no experiment to resume at {exp.path}")
+    if not resume and exists:
+        raise SpaceError(
+            f"experiment.name: {exp.path} already exists; pass --resume to continue it "
+            "or choose another name"
+        )
+    if not resume and exp.study_url and _study_exists(exp.study_url, exp.name):
+        raise SpaceError(
+            f"experiment.name: the study {exp.name!r} already exists in {exp.study_url}; "
+            "pass --resume or choose another name"
+        )
+
+
+def run_tuner(
+    space: DesignSpace,
+    exp: Experiment,
+    *,
+    resume: bool,
+    data_cache: Any,
+    verbose: int = 1,
+) -> tune.ResultGrid:
+    trainable = make_trainable(space, data_cache)
+    param_space = _param_space(space)
+    if resume:
+        tuner = tune.Tuner.restore(
+            exp.path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            param_space=param_space or None,
+        )
+    else:
+        grid = space.search.sampler == "grid"
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=None if grid else make_searcher(space, exp.study_url),
+                scheduler=make_scheduler(space),
+                num_samples=space.num_samples,
+                max_concurrent_trials=space.search.max_concurrent_trials,
+                time_budget_s=space.search.time_budget_s,
+                # The next trial runs in the same worker process: no second Python, torch and
+                # transformers start-up (seconds per trial on CPU; see benchmarks/trial_startup.py).
+                reuse_actors=True,
+                metric=f"best_{space.objective.metric}" if grid else None,
+                mode=space.objective.mode if grid else None,
+            ),
+            run_config=make_run_config(space, exp, verbose),
+        )
+    return tuner.fit()
+
+
+def finish_study(exp: Experiment) -> optuna.Study | None:
+    """Close Optuna trials left RUNNING by a finished experiment.
+
+    Tune's time budget stops trials without telling the searcher, and a driver restarted after a
+    crash may have asked Optuna for trials that Tune never registered. Once every Tune trial has
+    ended, such a trial becomes PRUNED (keeping its last intermediate value) or, without one,
+    FAIL, and the study attribute ``closed_by_driver`` records it. After an interrupted run
+    (Ctrl-C) nothing is closed: ``--resume`` continues those trials.
+    """
+    if exp.study_url is None or not _study_exists(exp.study_url, exp.name):
+        return None
+    study = optuna.load_study(study_name=exp.name, storage=exp.study_url)
+    statuses = {t.status for t in tune.ExperimentAnalysis(exp.path).trials}
+    if not statuses <= {"TERMINATED", "ERROR"}:
+        return study
+    closed = dict(study.user_attrs.get(CLOSED_ATTR, {}))
+    for t in study.get_trials(states=(TrialState.RUNNING,)):
+        closed[str(t.number)] = "time budget or interrupted"
+        study.tell(t.number, state=TrialState.PRUNED if t.intermediate_values else TrialState.FAIL)
+    study.set_user_attr(CLOSED_ATTR, closed)
+    return study
+
+
+def run_search(
+    space: DesignSpace,
+    *,
+    resume: bool = False,
+    smoke: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    dashboard_host: str = "127.0.0.1",
+    include_dashboard: bool | None = None,
+    verbose: int = 1,
+) -> results_lib.Summary:
+    """Run (or resume) the search of ``space`` and write its results; returns the summary."""
+    # Every trial checkpoints at every evaluation: Tune's warning about frequent snapshots is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    init_ray(address, num_cpus, dashboard_host, include_dashboard)
+    if smoke:
+        space = smoke_space(space, _cluster_has_gpu())
+    exp = locate(space)
+    probe_storage(exp.storage_path)
+    _prepare(space, exp, resume=resume, fresh=smoke)
+    print(f"experiment: {exp.path}")
+    print(f"  tensorboard --logdir {exp.path}")
+    if exp.study_url:
+        print(f"  optuna-dashboard {exp.study_url}")
+
+    data_cache = DataCache.remote()
+    run_tuner(space, exp, resume=resume, data_cache=data_cache, verbose=verbose)
+    study = finish_study(exp)
+    summary = results_lib.summarize(space, exp.path, study)
+    print(summary.report())
+    if summary.unfinished:
+        print("interrupted: continue with  python -m mtl.search <file> --resume")
+        ray.kill(data_cache)
+        return summary
+    if space.search.repeats is not None:
+        summary = run_repeats(space, exp, summary, data_cache, resume=resume, verbose=verbose)
+    ray.kill(data_cache)
+    return summary
+
+
+def repeats_space(space: DesignSpace, summary: results_lib.Summary) -> DesignSpace | None:
+    """The top-K configurations of a finished search, each with every further seed (a grid)."""
+    rep = space.search.repeats
+    assert rep is not None
+    top = summary.top(rep.top_k, status="completed")
+    if not top:
+        return None
+    return space.model_copy(
+        update={
+            "experiment": space.experiment.model_copy(
+                update={"name": space.experiment.name + "-repeats"}
+            ),
+            "search": space.search.model_copy(
+                update={
+                    "sampler": "grid",
+                    "num_samples": 1,
+                    "points_to_evaluate": [],
+                    "repeats": None,
+                }
+            ),
+            "scheduler": space.scheduler.model_copy(update={"type": "fifo"}),
+        }
+    )
+
+
+def run_repeats(
+    space: DesignSpace,
+    exp: Experiment,
+    summary: results_lib.Summary,
+    data_cache: Any,
+    *,
+    resume: bool,
+    verbose: int,
+) -> results_lib.Summary:
+    rep = space.search.repeats
+    assert rep is not None
+    rspace = repeats_space(space, summary)
+    if rspace is None:
+        print("repeats: no completed trial to repeat")
+        return summary
+    points = [
+        {**params, "seed": seed}
+        for params in (row.params for row in summary.top(rep.top_k, status="completed"))
+        for seed in rep.seeds
+    ]
+    rexp = Experiment(rspace.experiment.name, exp.storage_path, None)
+    trainable = make_trainable(rspace, data_cache)
+    param_space = {POINT_KEY: tune.grid_search(points)}
+    if resume and tune.Tuner.can_restore(rexp.path):
+        tuner = tune.Tuner.restore(
+            rexp.path, trainable=trainable, resume_unfinished=True, param_space=param_space
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                scheduler=FIFOScheduler(),
+                num_samples=1,
+                max_concurrent_trials=space.search.max_concurrent_trials,
+                reuse_actors=True,
+            ),
+            run_config=make_run_config(rspace, rexp, verbose),
+        )
+    tuner.fit()
+    return results_lib.add_repeats(
+        summary, rspace, rexp.path, base_seed=build_config(space.base).seed, top_k=rep.top_k
+    )

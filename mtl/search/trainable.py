@@ -1,0 +1,238 @@
+"""The Ray Tune trial: one call of ``mtl.train.train`` with a reporter that reports to Tune.
+
+What runs where:
+
+* The trainer writes its run folder (config, metrics.json, TensorBoard events, the latest and best
+  checkpoints) into a scratch folder on the node. After every evaluation the reporter copies the
+  small files into the trial's working directory, which Tune syncs into the experiment folder
+  (``SyncConfig(sync_artifacts=True)``), and hands the trainer's checkpoint folder to
+  ``tune.report``, which copies it into the experiment folder. The model-sized ``checkpoint/``
+  and ``best/`` folders are left out of the artifact sync: Tune's own checkpoints (ranked by the
+  objective) are the durable copies.
+* A retried trial resumes from ``tune.get_checkpoint()``.
+* The tokenized data comes from a :class:`DataCache` actor that builds each distinct dataset once
+  per experiment and keeps it in Ray's object store.
+* A non-finite loss reports one result flagged ``nonfinite`` and re-raises; the driver's
+  :class:`NoRetryOnNonFinite` callback sees the flag and spends the trial's retries, so the error
+  ends the trial at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+
+from mtl.config import build_config, merge
+from mtl.search.space import nest
+
+log = logging.getLogger(__name__)
+
+NONFINITE_KEY = "nonfinite"
+OUTCOME_FILE = "outcome.json"
+POINT_KEY = "_point"  # grid runs with conditions pass each point as one dict under this key
+# Folders of the trainer's run folder that hold model weights: never copied as artifacts.
+_HEAVY = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "best", "best.tmp", "resume")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of one experiment shares (put once into the object store by Tune)."""
+
+    base: dict[str, Any]  # trainer config every trial starts from (with search-level settings)
+    paths: dict[str, str]  # parameter name -> config path
+    metric: str  # objective metric, e.g. "overall"
+    data_cache: Any = None  # DataCache actor handle; None: each trial loads its own data
+    settings: dict[str, Any] = field(default_factory=dict)  # forced trainer settings (threads...)
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The parameter values of a trial, whichever way the search laid out its config."""
+    if POINT_KEY in config:
+        return {**config[POINT_KEY], **{k: v for k, v in config.items() if k != POINT_KEY}}
+    return dict(config)
+
+
+def trial_config_dict(spec_base: dict, paths: dict[str, str], params: dict[str, Any]) -> dict:
+    """base, then each parameter at its path (a parameter without a path is a config key)."""
+    raw = dict(spec_base)
+    for name, value in params.items():
+        raw = merge(raw, nest(paths.get(name, name), value))
+    return raw
+
+
+def data_key(cfg_dict: dict[str, Any]) -> str:
+    """What the tokenized data depends on: tokenizer (backbone), data settings, design, seed."""
+    cfg = build_config(cfg_dict)
+    return json.dumps(
+        [cfg.model.backbone, cfg.data.model_dump(mode="json"), cfg.model.design, cfg.seed],
+        sort_keys=True,
+    )
+
+
+@dataclass(frozen=True)
+class _Sequences:
+    """A list of 1-D tensors as one flat array and the sizes: a single buffer for Ray to share."""
+
+    flat: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor]) -> _Sequences:
+        sizes = np.array([len(t) for t in tensors], dtype=np.int64)
+        flat = torch.cat(tensors).numpy() if tensors else np.zeros(0, dtype=np.int64)
+        return cls(flat, sizes)
+
+    def tensors(self) -> list[torch.Tensor]:
+        # One copy out of the read-only object store, then views into it.
+        flat = torch.from_numpy(np.array(self.flat))
+        return list(flat.split(self.sizes.tolist()))
+
+
+def _map_splits(data: Any, fn) -> Any:
+    """``data`` (a TaskData) with ``fn`` applied to every field of every encoded split."""
+
+    def split(enc: Any) -> Any:
+        return dataclasses.replace(
+            enc, **{f.name: fn(getattr(enc, f.name)) for f in dataclasses.fields(enc)}
+        )
+
+    return dataclasses.replace(
+        data,
+        train={t: split(e) for t, e in data.train.items()},
+        dev={t: split(e) for t, e in data.dev.items()},
+        test={t: split(e) for t, e in data.test.items()},
+    )
+
+
+def pack(data: Any) -> Any:
+    """TaskData whose per-example tensor lists are flat arrays (pickling 30k tensors one by one
+    costs more than tokenizing them again; one array is shared without a copy)."""
+
+    def one(value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            return _Sequences.of(value)
+        return value
+
+    return _map_splits(data, one)
+
+
+def unpack(data: Any) -> Any:
+    """The TaskData that :func:`pack` packed."""
+    return _map_splits(data, lambda v: v.tensors() if isinstance(v, _Sequences) else v)
+
+
+@ray.remote(num_cpus=0)
+class DataCache:
+    """Builds each distinct tokenized dataset once and keeps it in the object store."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, ray.ObjectRef] = {}
+
+    def get(self, key: str, cfg_dict: dict[str, Any]) -> list[ray.ObjectRef]:
+        # A list, so that Ray hands the caller the reference instead of resolving it here.
+        if key not in self._refs:
+            from mtl.train import load_data
+
+            self._refs[key] = ray.put(pack(load_data(build_config(cfg_dict))))
+        return [self._refs[key]]
+
+
+def _shared_data(spec: TrialSpec, cfg_dict: dict[str, Any]):
+    if spec.data_cache is None:
+        return None
+    try:
+        ref = ray.get(spec.data_cache.get.remote(data_key(cfg_dict), cfg_dict))[0]
+        return unpack(ray.get(ref))
+    except ray.exceptions.RayActorError as err:
+        log.warning("data cache unavailable (%s); this trial loads its own data", err)
+        return None
+
+
+def mirror(run_dir: Path, work_dir: Path) -> None:
+    """Copy the trainer's small files (events, metrics, config, predictions) into ``work_dir``."""
+    if not run_dir.is_dir():
+        return
+    shutil.copytree(
+        run_dir,
+        work_dir,
+        dirs_exist_ok=True,
+        ignore=lambda d, names: [n for n in names if Path(d) == run_dir and n in _HEAVY],
+    )
+    best = run_dir / "best" / "best.json"
+    if best.is_file():
+        shutil.copy2(best, work_dir / "best.json")
+
+
+def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """The function Tune runs for each trial."""
+    from mtl.train import NonFiniteLossError, train
+
+    started = time.time()
+    params = trial_params(config)
+    cfg_dict = merge(trial_config_dict(spec.base, spec.paths, params), spec.settings)
+    cfg = build_config(cfg_dict, "trial config")
+    ctx = tune.get_context()
+    work_dir = Path.cwd()  # Tune's trial working directory, synced as artifacts
+    run_dir = (
+        Path(tempfile.gettempdir()) / "mtl-search" / ctx.get_experiment_name() / ctx.get_trial_id()
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    node_id = ray.get_runtime_context().get_node_id()
+    best_key = f"best_{spec.metric}"
+    last: dict[str, float] = {}
+
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        resume_from = run_dir / "resume"
+        shutil.rmtree(resume_from, ignore_errors=True)
+        checkpoint.to_directory(str(resume_from))
+
+    data = _shared_data(spec, cfg_dict)
+    setup_s = time.time() - started
+
+    def reporter(metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        last.update(metrics)
+        mirror(run_dir, work_dir)
+        tune.report(
+            {**metrics, "node_id": node_id, "setup_s": setup_s},
+            checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)),
+        )
+
+    try:
+        best = train(cfg, reporter, resume_from=resume_from, run_dir=run_dir, data=data)
+    except NonFiniteLossError as err:
+        mirror(run_dir, work_dir)
+        tune.report({NONFINITE_KEY: 1.0, best_key: last.get(best_key, math.nan), "error": str(err)})
+        raise
+    finally:
+        # Also when Tune stops the trial (SystemExit inside tune.report).
+        mirror(run_dir, work_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last trial of the experiment on this node
+            run_dir.parent.rmdir()
+    outcome = {"finished": True, "best": best, "params": params, "node_id": node_id}
+    (work_dir / OUTCOME_FILE).write_text(json.dumps(outcome, indent=2))
+
+
+class NoRetryOnNonFinite(tune.Callback):
+    """Spends a trial's retries when it reports a non-finite loss, so its error is final."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        if result.get(NONFINITE_KEY):
+            # Trial.should_recover(): num_failures (incremented by the coming error) <= max_failures
+            trial.max_failures = trial.run_metadata.num_failures

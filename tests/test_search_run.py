@@ -1,0 +1,425 @@
+"""End-to-end searches with a real local Ray, a real SQLite study and a tiny random-weight BERT.
+
+Every search runs ``python -m mtl.search`` in a subprocess (its own local Ray on 2 CPUs, no
+dashboard), as a user would. :func:`tiny_experiment` is built once per session; the analysis
+tests can use it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from mtl.config import load_config
+from mtl.train import train
+
+pytestmark = pytest.mark.slow
+
+MAX_T = 4  # evaluations of a full trial in the tiny experiment: 2 epochs, eval_every 0.5
+
+
+def tiny_space(root: Path, backbone: Path, data_dir: Path, name: str, **sections: dict) -> Path:
+    """A design space on the tiny BERT and 128-example slices; ``sections`` override parts."""
+    raw = {
+        "experiment": {"name": name, "storage_path": str(root / "results"), "seed": 0},
+        "base": {
+            "model": {"backbone": str(backbone), "head_hidden": 32},
+            "data": {
+                "data_dir": str(data_dir),
+                "max_train_examples": 128,
+                "max_eval_examples": 64,
+                "max_length": 48,
+            },
+            "train": {
+                "epochs": 2,
+                "eval_every": 0.5,
+                "batch_size": 32,
+                "write_predictions": False,
+                "log_every": 2,
+            },
+        },
+        "parameters": {
+            # 0 cannot learn (ASHA stops it), 1e30 makes the loss NaN at the first step.
+            "lr": {"path": "train.lr", "type": "categorical", "choices": [0.0, 1e30, 1e-3, 3e-3]},
+            "pooling": {"path": "model.pooling", "type": "categorical", "choices": ["cls", "mean"]},
+            "head_dropout": {
+                "path": "model.head_dropout",
+                "type": "float",
+                "low": 0.0,
+                "high": 0.3,
+            },
+        },
+        "objective": {"metric": "overall"},
+        "search": {
+            "sampler": "tpe",
+            "num_samples": 6,
+            "max_concurrent_trials": 1,
+            "startup_trials": 3,
+            # A good config first, so that the hopeless lr=0 is certainly below ASHA's cutoff
+            # (reduction factor 2: the median of the two) at the first rung.
+            "points_to_evaluate": [
+                {"lr": 1e-3, "pooling": "cls"},
+                {"lr": 0.0, "pooling": "cls"},
+                {"lr": 1e30},
+            ],
+            # Then the best two completed configurations once more with seed 1.
+            "repeats": {"top_k": 2, "seeds": [1]},
+        },
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources_per_trial": {"cpu": 1},
+        "failure": {"max_retries": 2},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cli(space: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mtl.search",
+        str(space),
+        "--num-cpus",
+        "2",
+        "--no-dashboard",
+        *extra,
+    ]
+
+
+def run_cli(space: Path, *extra: str, timeout: float = 480) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _cli(space, *extra),
+        cwd=space.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def trial_dirs(exp: Path) -> list[Path]:
+    return sorted(p for p in exp.glob("run_trial_*") if p.is_dir())
+
+
+def result_rows(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def study_of(space_path: Path) -> optuna.Study:
+    raw = yaml.safe_load(space_path.read_text())
+    name = raw["experiment"]["name"]
+    url = f"sqlite:///{raw['experiment']['storage_path']}/{name}.optuna.db"
+    return optuna.load_study(study_name=name, storage=url)
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tmp_path_factory, tiny_backbone, real_data_dir):
+    """(space file, experiment folder, CLI output) of a finished 6-trial search."""
+    root = tmp_path_factory.mktemp("search")
+    space = tiny_space(root, tiny_backbone, real_data_dir, "tiny")
+    proc = run_cli(space)
+    return space, root / "results" / "tiny", proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The end-to-end search
+
+
+def test_results_csv_has_every_trial_with_its_status(tiny_experiment):
+    _, exp, _ = tiny_experiment
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 6
+    assert df["trial_id"].is_unique
+    assert set(df["status"]) <= {"completed", "stopped", "error"}
+    by_lr = df.set_index("param.lr")
+    hopeless = df[df["param.lr"] == 0.0].iloc[0]
+    assert (hopeless["status"], hopeless["reason"]) == ("stopped", "ASHA")
+    assert hopeless["evaluations"] < MAX_T
+    nan = df[df["param.lr"] == 1e30]
+    assert (nan["status"] == "error").all()
+    assert nan["reason"].str.contains("non-finite loss").all()
+    done = df[df["status"] == "completed"]
+    assert len(done) >= 1 and (done["evaluations"] == MAX_T).all()
+    assert (done["epochs"] == 2.0).all()
+    stopped = df[df["status"] == "stopped"]
+    assert (stopped["evaluations"] < MAX_T).all() and (stopped["reason"] == "ASHA").all()
+    ok = df[df["status"] != "error"]
+    assert ok["node_id"].str.len().gt(10).all()
+    assert all(Path(p).is_dir() for p in ok["best_checkpoint"])
+    assert (ok["best.overall"] >= ok["last.overall"] - 1e-12).all()
+    assert (df["retries"] == 0).all()
+    # Parameters a trial did not use are empty, never made up.
+    assert set(df.columns) >= {"param.lr", "param.pooling", "param.head_dropout"}
+    del by_lr
+
+
+def test_optuna_study_states_and_values(tiny_experiment):
+    space, exp, _ = tiny_experiment
+    df = pd.read_csv(exp / "results.csv").set_index("trial_id")
+    study = study_of(space)
+    assert len(study.trials) == 6
+    states = {t.state for t in study.trials}
+    assert {optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE} <= states
+    expected = {"completed": "COMPLETE", "stopped": "PRUNED", "error": "FAIL"}
+    for t in study.trials:
+        row = df.loc[t.user_attrs["ray_trial_id"]]
+        assert t.state.name == expected[row["status"]] == row["optuna_state"]
+        if t.state == optuna.trial.TrialState.FAIL:
+            assert t.value is None
+            continue
+        # One intermediate value per evaluation, the best-so-far score, ending at the trial's value.
+        assert sorted(t.intermediate_values) == list(range(1, int(row["evaluations"]) + 1))
+        assert t.value == pytest.approx(t.intermediate_values[max(t.intermediate_values)])
+        assert t.value == pytest.approx(row["best.overall"])
+
+
+def test_nonfinite_loss_ends_the_trial_without_retries(tiny_experiment):
+    _, exp, _ = tiny_experiment
+    df = pd.read_csv(exp / "results.csv")
+    row = df[df["param.lr"] == 1e30].iloc[0]
+    trial = Path(row["trial_dir"])
+    rows = result_rows(trial)
+    assert rows[-1]["nonfinite"] == 1.0 and "loss became nan" in rows[-1]["error"]
+    assert row["retries"] == 0
+    # The experiment went on: trials after it ran.
+    assert (df["status"] == "completed").sum() + (df["status"] == "stopped").sum() == 5
+
+
+def test_tensorboard_events_hold_each_report_and_the_hyperparameters(tiny_experiment):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, exp, _ = tiny_experiment
+    df = pd.read_csv(exp / "results.csv").set_index("trial_id")
+    for trial in trial_dirs(exp):
+        row = df.loc[trial.name.split("_")[2]]
+        reports = [r for r in result_rows(trial) if "evaluation" in r]
+        # Ray's logger: one point per report, and the trial's parameters as HParams.
+        acc = EventAccumulator(str(trial), size_guidance={"scalars": 0})
+        acc.Reload()
+        if reports:
+            points = acc.Scalars("ray/tune/overall")
+            assert [p.value for p in points] == pytest.approx([r["overall"] for r in reports])
+        content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert hparams["pooling"].string_value == row["param.pooling"]
+        assert hparams["lr"].number_value == pytest.approx(row["param.lr"])
+        assert hparams["head_dropout"].number_value == pytest.approx(row["param.head_dropout"])
+        # The trainer's own events (synced as artifacts): one dev point per evaluation.
+        tb = EventAccumulator(str(trial / "tb"), size_guidance={"scalars": 0})
+        tb.Reload()
+        if reports:
+            dev = tb.Scalars("dev/overall")
+            assert [p.value for p in dev] == pytest.approx([r["overall"] for r in reports])
+            assert [p.step for p in dev] == [int(r["step"]) for r in reports]
+
+
+def test_best_config_runs_with_the_trainer(tiny_experiment, tmp_path):
+    _, exp, out = tiny_experiment
+    df = pd.read_csv(exp / "results.csv")
+    best = df[df["status"] == "completed"].sort_values("best.overall").iloc[-1]
+    cfg = load_config(exp / "best_config.yaml")
+    assert cfg.train.lr == best["param.lr"]
+    assert cfg.model.pooling == best["param.pooling"]
+    assert cfg.model.head_dropout == pytest.approx(best["param.head_dropout"])
+    assert cfg.train.selection_metric == "overall"
+    assert "top " in out and str(best["trial_id"]) in out
+    # What `python -m mtl.train best_config.yaml --set train.max_steps=2` runs.
+    cfg = load_config(exp / "best_config.yaml", ["train.max_steps=2", "train.progress=false"])
+    metrics = train(cfg, run_dir=tmp_path / "run")
+    assert set(metrics) >= {"overall", "sst_acc", "para_acc", "sts_pearson"}
+
+
+def test_repeats_rerun_the_top_configurations_with_further_seeds(tiny_experiment):
+    _, exp, _ = tiny_experiment
+    df = pd.read_csv(exp / "results.csv")
+    top = df[df["status"] == "completed"].sort_values("best.overall", ascending=False).head(2)
+    runs = pd.read_csv(exp / "repeats.csv")
+    assert len(runs) == 2 * len(top)
+    assert sorted(runs["seed"]) == sorted([0, 1] * len(top))
+    assert set(runs[runs["seed"] == 0]["trial_id"]) == set(top["trial_id"])
+    summary = pd.read_csv(exp / "repeats_summary.csv")
+    assert list(summary["overall.count"]) == [2] * len(top)
+    for _, row in summary.iterrows():
+        values = runs[runs["config"] == row["config"]]["overall"]
+        assert row["overall.mean"] == pytest.approx(values.mean())
+        assert row["overall.std"] == pytest.approx(values.std())
+    repeat_trials = trial_dirs(exp.parent / "tiny-repeats")
+    assert len(repeat_trials) == len(top)
+    for trial in repeat_trials:
+        cfg = yaml.safe_load((trial / "config.yaml").read_text())
+        assert cfg["seed"] == 1
+
+
+def test_smoke_runs_any_space_with_a_tiny_budget(tmp_path, tiny_backbone, real_data_dir):
+    space = tiny_space(tmp_path, tiny_backbone, real_data_dir, "smoke")
+    proc = run_cli(space, "--smoke")
+    df = pd.read_csv(tmp_path / "results" / "smoke-smoke" / "results.csv")
+    assert len(df) == 3 and df["evaluations"].max() <= 2
+    assert "3 trials" in proc.stdout
+    assert not (tmp_path / "results" / "smoke").exists()
+
+
+def test_time_budget_stops_trials_and_closes_the_study(tmp_path, tiny_backbone, real_data_dir):
+    space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "budget", num_samples=20)
+    raw = yaml.safe_load(space.read_text())
+    raw["search"].update(time_budget_s=15, sampler="tpe")
+    space.write_text(yaml.safe_dump(raw))
+    run_cli(space)
+    df = pd.read_csv(tmp_path / "results" / "budget" / "results.csv")
+    assert len(df) < 20
+    cut = df[df["status"] == "stopped"]
+    assert len(cut) >= 1 and (cut["reason"] == "time budget or interrupted").all()
+    study = study_of(space)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert set(cut["optuna_state"]) <= {"PRUNED", "FAIL"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault tolerance
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"search ended before {what}: rc {proc.returncode}\n{out[-4000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _slow_space(root: Path, backbone: Path, data_dir: Path, name: str, num_samples: int) -> Path:
+    path = tiny_space(root, backbone, data_dir, name)
+    raw = yaml.safe_load(path.read_text())
+    # 8 evaluations of about 0.7 s per trial: time to kill something mid-run.
+    raw["base"]["train"].update(eval_every=0.25, batch_size=16)
+    raw["search"] = {"sampler": "random", "num_samples": num_samples, "max_concurrent_trials": 1}
+    raw["scheduler"] = {"type": "fifo"}
+    raw["parameters"]["lr"] = {"path": "train.lr", "type": "categorical", "choices": [1e-3, 3e-3]}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, tiny_backbone, real_data_dir):
+    space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "sigkill", num_samples=1)
+    exp = tmp_path / "results" / "sigkill"
+    proc = subprocess.Popen(
+        _cli(space),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def second_report():
+            for trial in trial_dirs(exp):
+                rows = result_rows(trial)
+                if len(rows) >= 2:
+                    return trial, rows
+            return None
+
+        trial, rows = _wait(second_report, proc, 240, "the second report")
+        os.kill(rows[-1]["pid"], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    df = pd.read_csv(exp / "results.csv")
+    row = df.iloc[0]
+    assert (row["status"], row["retries"], row["evaluations"]) == ("completed", 1, 8)
+    evaluations = [r["evaluation"] for r in result_rows(trial) if "evaluation" in r]
+    # Resumed from the last checkpoint: no evaluation repeated, none lost.
+    assert evaluations == [float(i) for i in range(1, 9)]
+    assert len({r["pid"] for r in result_rows(trial)}) == 2
+
+
+def test_killed_driver_then_resume_finishes_without_rerunning(
+    tmp_path, tiny_backbone, real_data_dir
+):
+    space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "resume", num_samples=4)
+    exp = tmp_path / "results" / "resume"
+    proc = subprocess.Popen(
+        _cli(space),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the driver and the Ray it started: killed together below
+    )
+    try:
+
+        def two_done_and_third_running():
+            dirs = trial_dirs(exp)
+            done = [d for d in dirs if (d / "outcome.json").exists()]
+            running = [d for d in dirs if d not in done and len(result_rows(d)) >= 2]
+            return (done, running) if len(done) >= 2 and running else None
+
+        done, running = _wait(two_done_and_third_running, proc, 300, "two finished trials")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(2)
+    before = {d.name: (d / "result.json").read_text() for d in trial_dirs(exp)}
+    finished_mtime = {d.name: (d / "outcome.json").stat().st_mtime for d in done}
+
+    assert (
+        "already exists"
+        in subprocess.run(
+            _cli(space), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+        ).stderr
+    )
+    run_cli(space, "--resume")
+
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 4 and set(df["status"]) == {"completed"}
+    after = {d.name: (d / "result.json").read_text() for d in trial_dirs(exp)}
+    assert len(after) == 4
+    for name, text in before.items():
+        assert after[name].startswith(text)  # nothing reported is lost
+    for d in done:
+        assert after[d.name] == before[d.name]  # finished trials did not run again
+        assert (d / "outcome.json").stat().st_mtime == finished_mtime[d.name]
+    interrupted = running[0]
+    evaluations = [r["evaluation"] for r in result_rows(interrupted) if "evaluation" in r]
+    assert evaluations == [float(i) for i in range(1, 9)]
+    study = study_of(space)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert all(not math.isnan(t.value) for t in complete)
