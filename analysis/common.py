@@ -1,0 +1,417 @@
+"""An experiment folder written by ``python -m mtl.search``, read once for every analysis.
+
+What is read (see :mod:`mtl.search.results` for ``results.csv``'s columns):
+
+* ``EXP/results.csv``: one row per trial: status, ``param.<name>``, ``best.<metric>``, evaluations,
+  best checkpoint and trial folder.
+* ``EXP/<trial>/result.json``: Tune's record of every report, i.e. the dev metrics after every
+  evaluation (a trial's learning curve, also for trials ASHA stopped).
+* ``EXP/<trial>/config.yaml``: the trainer config the trial ran (the trainer writes it).
+* ``EXP/repeats.csv``, ``EXP/repeats_summary.csv``: seed repeats of the top configurations.
+* ``<storage>/<name>.optuna.db``: the Optuna study (exact parameter values and searched ranges).
+* The design-space file, when it can be found (``--space``, ``EXP/design_space.yaml``, or a YAML
+  file whose ``experiment`` section names this folder): the objective, ASHA's rungs and the
+  parameters' conditions. Without it the analyses still run and say what they could not know.
+
+Paths recorded on the search machine are re-rooted into ``EXP`` when the folder has been moved
+(copied off a cluster, committed under ``results/``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
+import yaml
+
+from mtl.config import ConfigError
+from mtl.search.space import DesignSpace, load_space
+
+# The paper's column order and names (Tables 1 to 6).
+METRICS: tuple[str, ...] = ("sst_acc", "para_acc", "sts_pearson", "overall")
+COLUMN_NAMES = {
+    "sst_acc": "SST Acc.",
+    "para_acc": "Paraphrase Acc.",
+    "sts_pearson": "STS Corr.",
+    "overall": "Overall Score",
+}
+RESULTS_FILE = "results.csv"
+SPACE_COPY = "design_space.yaml"  # a copy of the design space inside EXP, if the search keeps one
+ANALYSIS_DIR = "analysis"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class AnalysisError(Exception):
+    """Bad input to an analysis: one line, printed as ``error: ...`` with exit status 2."""
+
+
+def run_main(fn: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a command's ``fn(argv)``; an :class:`AnalysisError` becomes one line and status 2."""
+    try:
+        return fn(argv)
+    except AnalysisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+
+
+@dataclass
+class Experiment:
+    """One experiment folder and what belongs to it."""
+
+    path: Path
+    results: pd.DataFrame  # results.csv, one row per trial
+    space: DesignSpace | None = None
+    space_file: Path | None = None
+    study: optuna.Study | None = None
+    repeats: pd.DataFrame | None = None  # repeats.csv
+    repeats_summary: pd.DataFrame | None = None  # repeats_summary.csv
+    metric: str = "overall"  # the objective the search ranked by
+    _history: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    _configs: dict[str, dict[str, Any] | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def param_names(self) -> list[str]:
+        return [c.removeprefix("param.") for c in self.results.columns if c.startswith("param.")]
+
+    def row(self, trial_id: str) -> pd.Series:
+        rows = self.results[self.results["trial_id"] == trial_id]
+        if rows.empty:
+            raise AnalysisError(f"{self.path}: no trial {trial_id!r} in {RESULTS_FILE}")
+        return rows.iloc[0]
+
+    def params(self, trial_id: str) -> dict[str, Any]:
+        """The trial's parameter values (only those its conditions let it sample)."""
+        row = self.row(trial_id)
+        return {
+            n: _scalar(row[f"param.{n}"]) for n in self.param_names if pd.notna(row[f"param.{n}"])
+        }
+
+    def local(self, recorded: str) -> Path:
+        """A path recorded by the search, re-rooted into this folder if the folder moved."""
+        path = Path(recorded)
+        if path.exists():
+            return path
+        parts = path.parts
+        for i in range(len(parts) - 1, -1, -1):
+            if parts[i] == self.name:
+                return self.path.joinpath(*parts[i + 1 :])
+        return path
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.local(str(self.row(trial_id)["trial_dir"]))
+
+    def checkpoint_dir(self, trial_id: str) -> Path | None:
+        value = self.row(trial_id)["best_checkpoint"]
+        return self.local(str(value)) if isinstance(value, str) and value else None
+
+    def history(self, trial_id: str) -> pd.DataFrame:
+        """Dev metrics after every evaluation of a trial (Tune's result.json), one row each."""
+        if trial_id not in self._history:
+            self._history[trial_id] = read_history(self.trial_dir(trial_id) / "result.json")
+        return self._history[trial_id]
+
+    def trial_config(self, trial_id: str) -> dict[str, Any] | None:
+        """The trainer config the trial ran: its config.yaml, else rebuilt from the space."""
+        if trial_id not in self._configs:
+            path = self.trial_dir(trial_id) / "config.yaml"
+            cfg = None
+            if path.is_file():
+                cfg = yaml.safe_load(path.read_text())
+            elif self.space is not None:
+                cfg = self.space.trial_config(self.params(trial_id))
+            self._configs[trial_id] = cfg
+        return self._configs[trial_id]
+
+    @property
+    def max_t(self) -> int:
+        """Evaluations of a full-budget trial."""
+        if self.space is not None:
+            return self.space.max_t
+        done = self.results[self.results["status"] == "completed"]["evaluations"]
+        return int(done.max()) if len(done) else int(self.results["evaluations"].max())
+
+    @property
+    def rungs(self) -> list[int] | None:
+        """ASHA's rungs (evaluations at which it compares trials); None without the space or
+        with the fifo scheduler."""
+        if self.space is None or self.space.scheduler.type != "asha":
+            return None
+        sched = self.space.scheduler
+        return asha_rungs(sched.grace_period, sched.reduction_factor, self.space.max_t)
+
+    def status_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.results["status"].value_counts().items()}
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The milestones of Ray Tune's ASHAScheduler (one bracket), smallest first.
+
+    Ray's ``_Bracket`` keeps ``int(log(max_t / grace) / log(rf) + 1)`` rungs at
+    ``grace * rf ** k``; the last one may equal ``max_t``.
+    """
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [int(grace_period * reduction_factor**k) for k in range(count)]
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """Every evaluation reported in a Tune ``result.json`` (a retried trial's last report wins)."""
+    columns = ["evaluation", "epoch", "step", *METRICS]
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            report = json.loads(line)
+            if report.get("evaluation") is not None:
+                rows.append({c: report.get(c, math.nan) for c in columns})
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["evaluation"] = frame["evaluation"].astype(int)
+    return (
+        frame.drop_duplicates("evaluation", keep="last")
+        .sort_values("evaluation")
+        .reset_index(drop=True)
+    )
+
+
+def _scalar(value: Any) -> Any:
+    """numpy scalars as Python values (YAML and Optuna want plain types)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def load_experiment(path: str | Path, space: str | Path | None = None) -> Experiment:
+    """Read an experiment folder; raises :class:`AnalysisError` for a folder that is not one."""
+    if "://" in str(path):
+        raise AnalysisError(f"{path}: only local folders; copy the experiment here first")
+    exp_dir = Path(path).expanduser()
+    if not exp_dir.is_dir():
+        raise AnalysisError(f"{exp_dir}: no such folder")
+    exp_dir = exp_dir.resolve()
+    results_path = exp_dir / RESULTS_FILE
+    if not results_path.is_file():
+        raise AnalysisError(
+            f"{exp_dir}: no {RESULTS_FILE}; not an experiment folder, or its search has not "
+            "ended (python -m mtl.search FILE --resume writes it)"
+        )
+    try:
+        results = pd.read_csv(results_path, dtype={"trial_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AnalysisError(f"{results_path}: unreadable ({type(err).__name__})") from None
+    needed = {"trial_id", "status", "evaluations", "trial_dir", "best_checkpoint"}
+    missing = sorted(needed - set(results.columns))
+    if missing:
+        raise AnalysisError(f"{results_path}: missing columns {', '.join(missing)}")
+    if results.empty:
+        raise AnalysisError(f"{results_path}: no trials")
+
+    space_obj, space_file = find_space(exp_dir, space)
+    exp = Experiment(path=exp_dir, results=results, space=space_obj, space_file=space_file)
+    exp.study = _load_study(exp)
+    for name in ("repeats", "repeats_summary"):
+        csv = exp_dir / f"{name}.csv"
+        if csv.is_file():
+            setattr(exp, name, pd.read_csv(csv, dtype={"trial_id": str}))
+    exp.metric = _objective(exp)
+    return exp
+
+
+def _objective(exp: Experiment) -> str:
+    if exp.space is not None:
+        return exp.space.objective.metric
+    for trial_id in exp.results["trial_id"]:
+        cfg = exp.trial_config(trial_id)
+        if cfg is not None:
+            return cfg.get("train", {}).get("selection_metric", "overall")
+    return "overall"
+
+
+def _load_study(exp: Experiment) -> optuna.Study | None:
+    url = None
+    if exp.space is not None and exp.space.experiment.study_storage:
+        url = exp.space.experiment.study_storage
+    else:
+        db = exp.path.parent / f"{exp.name}.optuna.db"
+        if db.is_file():
+            url = f"sqlite:///{db}"
+    if url is None:
+        return None
+    try:
+        return optuna.load_study(study_name=exp.name, storage=url)
+    except (KeyError, ValueError, RuntimeError, ImportError):  # no such study in that storage
+        return None
+
+
+def find_space(exp_dir: Path, given: str | Path | None) -> tuple[DesignSpace | None, Path | None]:
+    """The design space of ``exp_dir``: ``given``, else a copy in the folder, else a YAML file
+    (beside the storage folder, in the working directory or its search_spaces/) whose
+    ``experiment`` section names this folder. A ``-smoke`` experiment gets the smoke budget."""
+    if given is not None:
+        try:
+            space = load_space(given)
+        except ConfigError as err:
+            raise AnalysisError(str(err)) from None
+        return _smoke(space, exp_dir), Path(given)
+    candidates = [exp_dir / SPACE_COPY]
+    for folder in (exp_dir.parent.parent, Path.cwd()):
+        candidates += sorted(folder.glob("*.yaml"))
+    candidates += sorted((Path.cwd() / "search_spaces").rglob("*.yaml"))
+    for path in candidates:
+        if path.is_file() and _names(path, exp_dir):
+            try:
+                return _smoke(load_space(path), exp_dir), path
+            except ConfigError:
+                continue
+    return None, None
+
+
+def _names(path: Path, exp_dir: Path) -> bool:
+    """Whether the YAML at ``path`` is a design space whose experiment is ``exp_dir``."""
+    if path.parent == exp_dir:
+        return True
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    section = raw.get("experiment") if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        return False
+    if exp_dir.name not in (section.get("name"), f"{section.get('name')}-smoke"):
+        return False
+    storage = Path(str(section.get("storage_path", "ray_results"))).expanduser()
+    if storage.is_absolute():
+        return storage.resolve() == exp_dir.parent
+    return exp_dir.parent.as_posix().endswith(storage.as_posix().strip("/"))
+
+
+def _smoke(space: DesignSpace, exp_dir: Path) -> DesignSpace:
+    if exp_dir.name != f"{space.experiment.name}-smoke":
+        return space
+    from mtl.search.run import smoke_space
+
+    return smoke_space(space, has_gpu=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def out_dir(exp: Experiment, out: str | None, *sub: str) -> Path:
+    """``EXP/analysis[/sub]`` or ``out[/sub]``, created."""
+    base = Path(out) if out is not None else exp.path / ANALYSIS_DIR
+    path = base.joinpath(*sub)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AnalysisError(f"{path}: cannot create ({err.strerror})") from None
+    return path
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub pipe table of ``frame`` (its cells already formatted as strings)."""
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    def numeric(column: str) -> bool:  # numbers, maybe with "± std" or a mark: right-aligned
+        return all(not str(v)[:1].isalpha() for v in frame[column])
+
+    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
+    align = (
+        "|"
+        + "|".join("---:" if i > 0 and numeric(c) else ":---" for i, c in enumerate(frame.columns))
+        + "|"
+    )
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, align, *body]) + "\n"
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\^{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    return out.replace("±", r"$\pm$").replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$")
+
+
+def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table of string cells (escaped here)."""
+    escaped = frame.map(latex_escape)
+    escaped.columns = [latex_escape(c) for c in frame.columns]
+    return escaped.to_latex(
+        index=False,
+        escape=False,
+        caption=latex_escape(caption),
+        label=label,
+        column_format="l" + "r" * (len(frame.columns) - 1),
+    )
+
+
+def save_figure(fig: plt.Figure, data: pd.DataFrame, png: Path) -> Path:
+    """Write the figure and, beside it (same name, .csv), the data it plots; close the figure."""
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    data.to_csv(png.with_suffix(".csv"), index=False)
+    return png
+
+
+def fmt_param(value: Any) -> str:
+    """A parameter value as the design space wrote it (results.csv turns 16 into 16.0)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A metric as the paper prints it; an em dash when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A CS224N prediction file (``id \\t Header`` then ``id , value`` lines) as id, prediction."""
+    lines = path.read_text().splitlines()
+    if not lines:
+        raise AnalysisError(f"{path}: empty prediction file")
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2 or not parts[0]:
+            raise AnalysisError(f"{path}:{n}: expected 'id , value'")
+        rows.append((parts[0], float(parts[1])))
+    return pd.DataFrame(rows, columns=["id", "prediction"])

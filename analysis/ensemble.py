@@ -1,0 +1,474 @@
+"""The final ensemble (the paper's Table 6): the best checkpoints of the top trials, averaged.
+
+``python -m analysis.ensemble EXP --top-k K [--greedy] [--members ID,ID,...]
+[--max-eval-examples N] [--data-dir DIR] [--include-stopped] [--out DIR]``
+
+Each member is a trial's best checkpoint (the one Tune kept, ranked by the objective) rebuilt
+with the trial's own trainer config, so members may differ in head design, PAL, backbone and
+tokenizer: each encodes the data its own way. The ensemble averages what the members predict per
+example: the SST class probabilities (softmax), the paraphrase probability (sigmoid) and the STS
+score; it predicts the most probable SST class, a paraphrase when the mean probability is above
+0.5, and the mean STS score. An ensemble of one member therefore predicts exactly what that
+member predicts.
+
+With ``--greedy`` the members are chosen from the top K by greedy forward selection on dev
+(Caruana et al. 2004): start from the best single member, add whichever member raises the dev
+objective most, stop when none does. Its dev score has then been selected on dev and is
+optimistic; the report says so.
+
+Dev is the whole dev set unless ``--max-eval-examples`` subsamples it (with ``--seed``, as the
+trainer does); test is always whole. Written into ``EXP/analysis/ensemble/``: dev and test
+predictions in the CS224N submission format for every test file present (``MISSING.txt`` names
+the absent ones), ``ensemble.json``, ``members.csv`` and ``table_6.md`` / ``.tex`` / ``.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from analysis.common import (
+    COLUMN_NAMES,
+    METRICS,
+    AnalysisError,
+    Experiment,
+    fmt,
+    latex_table,
+    load_experiment,
+    markdown_table,
+    out_dir,
+    run_main,
+)
+from analysis.tables import PAPER_TABLE_6, configuration, label
+from mtl import data as data_lib
+from mtl.backbones import BackboneError, load_tokenizer, resolve_backbone
+from mtl.bert import CheckpointError
+from mtl.config import Config, ConfigError, build_config
+from mtl.heads import METRIC_NAMES, MultitaskBert, overall_score, task_metric
+from mtl.train import _autocast, build_model, write_predictions
+
+Key = tuple[str, str]  # (task, split)
+
+
+@dataclass
+class Member:
+    """One trial's best checkpoint and the config to rebuild it."""
+
+    trial_id: str
+    cfg: Config
+    checkpoint: Path  # folder with model.safetensors
+    configuration: str  # e.g. "design 2 + RR + PAL"
+    search_score: float  # the trial's best dev objective in the search
+
+
+@dataclass
+class Outputs:
+    """Per (task, split): example ids and scores (sst: (n, 5) probabilities; para: (n,)
+    probabilities; sts: (n,) similarity), in the split's order."""
+
+    ids: dict[Key, list[str]]
+    values: dict[Key, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Members
+
+
+def select_members(
+    exp: Experiment,
+    top_k: int | None,
+    trial_ids: list[str] | None = None,
+    include_stopped: bool = False,
+    metric: str | None = None,
+) -> list[Member]:
+    """The named trials (repeats allowed), or the top ``top_k`` by the objective."""
+    metric = metric or exp.metric
+    if trial_ids is None:
+        statuses = ("completed", "stopped") if include_stopped else ("completed",)
+        pool = exp.results[
+            exp.results["status"].isin(statuses)
+            & exp.results[f"best.{metric}"].notna()
+            & exp.results["best_checkpoint"].notna()
+        ]
+        what = " or stopped" if include_stopped else ""
+        if top_k is None or top_k < 1:
+            raise AnalysisError("--top-k: give a number of members of at least 1")
+        if top_k > len(pool):
+            raise AnalysisError(
+                f"--top-k {top_k}: {exp.name} has only {len(pool)} completed{what} trials with a "
+                "checkpoint" + ("" if include_stopped else " (--include-stopped adds stopped ones)")
+            )
+        trial_ids = list(pool.sort_values(f"best.{metric}", ascending=False)["trial_id"][:top_k])
+    members = []
+    for trial_id in trial_ids:
+        row = exp.row(trial_id)
+        ckpt = exp.checkpoint_dir(trial_id)
+        if ckpt is None or not (ckpt / "model.safetensors").is_file():
+            raise AnalysisError(
+                f"trial {trial_id}: no checkpoint weights at {ckpt}/model.safetensors"
+            )
+        raw = exp.trial_config(trial_id)
+        if raw is None:
+            raise AnalysisError(f"trial {trial_id}: no config.yaml in {exp.trial_dir(trial_id)}")
+        try:
+            cfg = build_config(raw, f"trial {trial_id} config")
+        except ConfigError as err:
+            raise AnalysisError(str(err)) from None
+        members.append(
+            Member(
+                trial_id,
+                cfg,
+                ckpt,
+                label(configuration(raw), backbone=True),
+                float(row[f"best.{metric}"]),
+            )
+        )
+    return members
+
+
+def load_member(member: Member, device: torch.device) -> MultitaskBert:
+    """The member's model: its architecture from its config, its weights from the checkpoint."""
+    try:
+        model = build_model(member.cfg, resolve_backbone(member.cfg.model.backbone))
+    except (BackboneError, CheckpointError, OSError) as err:
+        raise AnalysisError(f"trial {member.trial_id}: {err}") from None
+    state = load_file(member.checkpoint / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise AnalysisError(
+            f"trial {member.trial_id}: checkpoint does not fit its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and scores
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Which examples the ensemble is scored on."""
+
+    data_dir: Path
+    max_eval_examples: int | None  # dev subsample (None: the whole dev set)
+    seed: int  # seeds the dev subsample, as the trainer's seed does
+
+
+def encode_splits(cfg: Config, data: EvalData) -> dict[Key, data_lib.Encoded]:
+    """Dev (maybe subsampled) and whole test splits of ``cfg``'s tasks, tokenized its way."""
+    try:
+        tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
+        out = {}
+        for task in cfg.data.tasks:
+            raw = data_lib.read_split(data.data_dir, task, "dev")
+            raw = data_lib.subsample(raw, data.max_eval_examples, data.seed)
+            out[(task, "dev")] = data_lib.encode(
+                raw, tokenizer, cfg.data.max_length, cfg.model.design
+            )
+            if (data.data_dir / data_lib.split_file(task, "test")).is_file():
+                raw = data_lib.read_split(data.data_dir, task, "test")
+                out[(task, "test")] = data_lib.encode(
+                    raw, tokenizer, cfg.data.max_length, cfg.model.design
+                )
+    except (data_lib.DataError, BackboneError) as err:
+        raise AnalysisError(str(err)) from None
+    return out
+
+
+@torch.no_grad()
+def split_scores(
+    model: MultitaskBert, enc: data_lib.Encoded, batch_size: int, device: torch.device, autocast
+) -> np.ndarray:
+    """Probabilities (sst, para) or scores (sts) for every example, in the split's order.
+
+    Batches are formed exactly as the trainer's ``predict_split`` forms them, so the decisions
+    equal the trainer's predictions bit for bit.
+    """
+    shape = (len(enc), 5) if enc.task == "sst" else (len(enc),)
+    out = np.zeros(shape, dtype=np.float64)
+    for indices in data_lib.batch_order(enc.lengths, batch_size, None):
+        batch = data_lib.collate(enc, indices).to(device)
+        with autocast():
+            logits = model(batch).logits
+        logits = logits.float().cpu().double()
+        if enc.task == "sst":
+            values = torch.softmax(logits, dim=-1)
+        elif enc.task == "para":
+            values = torch.sigmoid(logits)
+        else:
+            values = logits
+        out[batch.index.numpy()] = values.numpy()
+    return out
+
+
+def member_outputs(
+    member: Member, data: EvalData, device: torch.device, cache: dict[Any, dict[Key, Any]]
+) -> Outputs:
+    """One member's scores on every split (tokenized splits are shared by members that encode
+    the same way)."""
+    cfg = member.cfg
+    key = (
+        str(resolve_backbone(cfg.model.backbone)),
+        cfg.model.design,
+        cfg.data.max_length,
+        cfg.data.tasks,
+    )
+    if key not in cache:
+        cache[key] = encode_splits(cfg, data)
+    splits = cache[key]
+    model = load_member(member, device)
+    autocast = _autocast(cfg, device)
+    batch_size = cfg.train.batch_size * 2  # the trainer's evaluation batch size
+    values = {
+        k: split_scores(model, enc, batch_size, device, autocast) for k, enc in splits.items()
+    }
+    return Outputs({k: enc.ids for k, enc in splits.items()}, values)
+
+
+def gold_labels(cache: dict[Any, dict[Key, Any]]) -> dict[str, np.ndarray]:
+    """Dev labels per task (the same examples for every encoding)."""
+    splits = next(iter(cache.values()))
+    return {t: enc.labels.numpy() for (t, s), enc in splits.items() if s == "dev"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Combining
+
+
+def average(outputs: list[Outputs]) -> Outputs:
+    """The members' mean scores; every member must cover the same examples in the same order."""
+    first = outputs[0]
+    keys = [k for k in first.values if all(k in o.values for o in outputs)]
+    for o in outputs[1:]:
+        for k in keys:
+            if o.ids[k] != first.ids[k]:
+                raise AnalysisError(f"members disagree on the examples of {k[0]} {k[1]}")
+    values = {k: np.mean(np.stack([o.values[k] for o in outputs]), axis=0) for k in keys}
+    return Outputs({k: first.ids[k] for k in keys}, values)
+
+
+def decide(task: str, values: np.ndarray) -> np.ndarray:
+    """Submission-format predictions from (mean) scores."""
+    if task == "sst":
+        return values.argmax(-1)
+    if task == "para":
+        return (values > 0.5).astype(np.int64)
+    return values
+
+
+def evaluate(outputs: Outputs, gold: dict[str, np.ndarray]) -> dict[str, float]:
+    metrics = {}
+    for (task, split), values in outputs.values.items():
+        if split == "dev" and task in gold:
+            metrics[METRIC_NAMES[task]] = task_metric(task, decide(task, values), gold[task])
+    metrics["overall"] = overall_score(metrics)
+    return metrics
+
+
+def greedy(
+    outputs: list[Outputs], gold: dict[str, np.ndarray], metric: str
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Greedy forward selection on dev (without replacement); returns the chosen indices and
+    the dev score after each step."""
+    scores = [evaluate(o, gold)[metric] for o in outputs]
+    chosen = [int(np.argmax(scores))]
+    steps = [{"added": chosen[0], metric: scores[chosen[0]]}]
+    best = scores[chosen[0]]
+    while len(chosen) < len(outputs):
+        trials = {
+            i: evaluate(average([outputs[j] for j in [*chosen, i]]), gold)[metric]
+            for i in range(len(outputs))
+            if i not in chosen
+        }
+        i, score = max(trials.items(), key=lambda kv: kv[1])
+        if score <= best:
+            break
+        chosen.append(i)
+        best = score
+        steps.append({"added": i, metric: score})
+    return chosen, steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_outputs(folder: Path, outputs: Outputs, tasks: tuple[str, ...]) -> list[Path]:
+    """Dev and test predictions in the CS224N format; MISSING.txt for absent test files."""
+    written = []
+    for (task, split), values in outputs.values.items():
+        path = folder / f"{task}-{split}-output.csv"
+        write_predictions(path, task, outputs.ids[(task, split)], decide(task, values))
+        written.append(path)
+    missing = [data_lib.split_file(t, "test") for t in tasks if (t, "test") not in outputs.values]
+    if missing:
+        path = folder / "MISSING.txt"
+        path.write_text("No test predictions for these absent files:\n" + "\n".join(missing) + "\n")
+        written.append(path)
+    return written
+
+
+def table_6(
+    members: list[Member], member_metrics: list[dict], chosen: list[int], metrics: dict
+) -> pd.DataFrame:
+    rows = []
+    for i, (m, mm) in enumerate(zip(members, member_metrics, strict=True)):
+        used = "" if i in chosen else " (not selected)"
+        rows.append({"": f"member {m.trial_id}: {m.configuration}{used}", **mm})
+    rows.append({"": f"ensemble of {len(chosen)}: dev", **metrics})
+    rows.append({"": f"ensemble of {len(chosen)}: test", **dict.fromkeys(METRICS, math.nan)})
+    return pd.DataFrame(rows)
+
+
+def _table_files(folder: Path, frame: pd.DataFrame, note: str) -> list[Path]:
+    shown = pd.DataFrame({"": frame[""], **{COLUMN_NAMES[m]: frame[m].map(fmt) for m in METRICS}})
+    paper = pd.DataFrame(
+        [
+            {"": k, **{COLUMN_NAMES[m]: f"{v:.3f}" for m, v in zip(METRICS, vals, strict=True)}}
+            for k, vals in PAPER_TABLE_6.items()
+        ]
+    )
+    title = "Table 6: the ensemble on dev (test labels are not public: submit the test files)"
+    md = f"### {title}\n\n{markdown_table(shown)}\n{note}\n\nThe paper's final ensemble:\n\n{markdown_table(paper)}"
+    paths = [folder / "table_6.md", folder / "table_6.tex", folder / "table_6.csv"]
+    paths[0].write_text(md)
+    paths[1].write_text(latex_table(shown, title + ". " + note, "tab:table_6"))
+    frame.rename(columns={"": "row"}).to_csv(paths[2], index=False)
+    return paths
+
+
+def run(
+    exp: Experiment,
+    members: list[Member],
+    data: EvalData,
+    out: str | None = None,
+    use_greedy: bool = False,
+    device: str = "cpu",
+    command: str = "",
+) -> tuple[list[Path], dict[str, Any]]:
+    """Score the members, combine them, write predictions and Table 6."""
+    folder = out_dir(exp, out, "ensemble")
+    dev = torch.device(device)
+    cache: dict[Any, dict[Key, Any]] = {}
+    outputs = []
+    for m in members:
+        print(f"member {m.trial_id} ({m.configuration}): scoring dev and test", flush=True)
+        outputs.append(member_outputs(m, data, dev, cache))
+    gold = gold_labels(cache)
+    member_metrics = [evaluate(o, gold) for o in outputs]
+    steps: list[dict[str, Any]] = []
+    chosen = list(range(len(members)))
+    if use_greedy:
+        chosen, steps = greedy(outputs, gold, exp.metric)
+    combined = average([outputs[i] for i in chosen])
+    metrics = evaluate(combined, gold)
+    tasks = members[0].cfg.data.tasks
+    written = write_outputs(folder, combined, tasks)
+
+    note = (
+        f"Dev: {'the whole dev set' if data.max_eval_examples is None else f'{data.max_eval_examples} examples per task (seed {data.seed})'}. "
+        + (
+            "Members chosen by greedy forward selection on dev, so the ensemble's dev score is optimistic."
+            if use_greedy
+            else "Every member averaged with equal weight."
+        )
+    )
+    written += _table_files(folder, table_6(members, member_metrics, chosen, metrics), note)
+    frame = pd.DataFrame(
+        [
+            {
+                "trial_id": m.trial_id,
+                "configuration": m.configuration,
+                "backbone": m.cfg.model.backbone,
+                "selected": i in chosen,
+                "search_best": m.search_score,
+                **{f"dev.{k}": v for k, v in mm.items()},
+            }
+            for i, (m, mm) in enumerate(zip(members, member_metrics, strict=True))
+        ]
+    )
+    frame.to_csv(folder / "members.csv", index=False)
+    summary = {
+        "experiment": str(exp.path),
+        "command": command,
+        "members": [m.trial_id for m in members],
+        "selected": [members[i].trial_id for i in chosen],
+        "greedy": [
+            {"added": members[s["added"]].trial_id, exp.metric: s[exp.metric]} for s in steps
+        ],
+        "dev": metrics,
+        "data_dir": str(data.data_dir),
+        "max_eval_examples": data.max_eval_examples,
+        "seed": data.seed,
+        "predictions": [p.name for p in written if p.name.endswith("-output.csv")],
+    }
+    (folder / "ensemble.json").write_text(json.dumps(summary, indent=2))
+    return [*written, folder / "members.csv", folder / "ensemble.json"], summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.ensemble",
+        description="Average the best checkpoints of the top trials; dev scores and submission files.",
+    )
+    parser.add_argument("exp", help="experiment folder written by python -m mtl.search")
+    parser.add_argument("--top-k", type=int, help="members: the K best trials by the objective")
+    parser.add_argument(
+        "--members", help="members: these trial ids, comma-separated (repeats allowed)"
+    )
+    parser.add_argument(
+        "--greedy", action="store_true", help="greedy forward selection among them on dev"
+    )
+    parser.add_argument(
+        "--include-stopped", action="store_true", help="let trials stopped early be members"
+    )
+    parser.add_argument(
+        "--max-eval-examples", type=int, help="subsample dev to N per task (default: all)"
+    )
+    parser.add_argument(
+        "--seed", type=int, help="seed of the dev subsample (default: the first member's)"
+    )
+    parser.add_argument(
+        "--data-dir", help="CS224N data folder (default: the first member's data.data_dir)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--out", help="output folder (default EXP/analysis)")
+    parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    args = parser.parse_args(argv)
+    if (args.top_k is None) == (args.members is None):
+        raise AnalysisError("give exactly one of --top-k K and --members ID,ID,...")
+    if args.max_eval_examples is not None and args.max_eval_examples < 1:
+        raise AnalysisError("--max-eval-examples: must be at least 1")
+    exp = load_experiment(args.exp, args.space)
+    ids = [t.strip() for t in args.members.split(",") if t.strip()] if args.members else None
+    members = select_members(exp, args.top_k, ids, args.include_stopped)
+    first = members[0].cfg
+    try:
+        data_dir = data_lib.resolve_data_dir(args.data_dir or first.data.data_dir)
+    except data_lib.DataError as err:
+        raise AnalysisError(f"{err} (pass --data-dir)") from None
+    data = EvalData(
+        data_dir, args.max_eval_examples, first.seed if args.seed is None else args.seed
+    )
+    given = argv if argv is not None else sys.argv[1:]
+    command = shlex.join(["python", "-m", "analysis.ensemble", *given])
+    written, _ = run(exp, members, data, args.out, args.greedy, args.device, command)
+    print(written[0].parent.joinpath("table_6.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,508 @@
+"""The analysis commands on real tiny experiments (tests/experiment_fixture.py).
+
+Every number a table, plot or ensemble shows is checked against what the search recorded
+(results.csv, repeats.csv, each trial's result.json and its own prediction files), not only that
+a file exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from analysis import ensemble, importance, report, tables
+from analysis.common import METRICS, read_predictions, run_main
+from mtl import data as data_lib
+from mtl.search.space import grid_points, load_space
+from tests.conftest import REPO
+from tests.experiment_fixture import Experiments, build_experiments
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def analysis_experiments(tmp_path_factory, tiny_backbone, real_data_dir) -> Experiments:
+    return build_experiments(tmp_path_factory.mktemp("analysis"), tiny_backbone, real_data_dir)
+
+
+ABLATIONS = REPO / "search_spaces" / "ablations"
+
+
+def _key(cfg: dict) -> tuple:
+    return (
+        cfg["model"]["design"],
+        cfg["train"]["mode"],
+        cfg["train"]["routine"],
+        cfg["smart"]["enabled"],
+        cfg["pal"]["variant"],
+        cfg["contrastive"]["enabled"],
+    )
+
+
+def _trial_keys(exp: Path) -> pd.DataFrame:
+    """results.csv with each trial's configuration read from its own config.yaml."""
+    df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
+    df["key"] = [
+        _key(yaml.safe_load((Path(d) / "config.yaml").read_text())) for d in df["trial_dir"]
+    ]
+    return df
+
+
+def _check_rows_against_results(csv: Path, trials: pd.DataFrame, md: str) -> None:
+    table = pd.read_csv(csv, dtype={"best_trial": str})
+    for row in table.to_dict("records"):
+        if row["trials"] == 0:
+            assert all(math.isnan(row[m]) for m in METRICS)
+            continue
+        best = trials[trials["trial_id"] == row["best_trial"]].iloc[0]
+        group = trials[trials["key"] == best["key"]]
+        assert row["trials"] == len(group)
+        for status in ("completed", "stopped", "error"):
+            assert row[status] == (group["status"] == status).sum()
+        done = group[group["status"] == "completed"]
+        if len(done):
+            assert best["trial_id"] == done.loc[done["best.overall"].idxmax(), "trial_id"]
+        for m in METRICS:
+            assert row[m] == best[f"best.{m}"]  # exactly the recorded value
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {row['configuration']} |"))
+        for m in METRICS:
+            assert f"{row[m]:.3f}" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def test_table_rows_equal_results_csv_and_repeats(analysis_experiments, tmp_path):
+    exp = analysis_experiments.search
+    assert tables.main([str(exp), "--out", str(tmp_path)]) == 0
+    trials = _trial_keys(exp)
+    folder = tmp_path / "tables"
+    conf = pd.read_csv(folder / "configurations.csv", dtype={"best_trial": str})
+    assert conf["trials"].sum() == len(trials)  # every trial stands behind exactly one row
+    md = (folder / "configurations.md").read_text()
+    _check_rows_against_results(folder / "configurations.csv", trials, md)
+    for row in conf.to_dict("records"):
+        key = trials.loc[trials["trial_id"] == row["best_trial"], "key"].iloc[0]
+        assert row["configuration"].startswith(f"design {key[0]}")
+        assert (" + RR" in row["configuration"]) == (key[2] == "round_robin")
+    # Paper tables for the designs present: Table 1 and/or 2, with the paper's four rows.
+    written = sorted(p.stem for p in folder.glob("table_*.csv"))
+    designs = {k[0] for k in trials["key"]}
+    assert written == [f"table_{d}" for d in sorted(designs)]
+    for name in written:
+        t = pd.read_csv(folder / f"{name}.csv")
+        assert list(t["configuration"]) == [
+            "Pretrain w/ RR",
+            "Finetune w/ RR",
+            "Pretrain w/o RR",
+            "Finetune w/o RR",
+        ]
+        text = (folder / f"{name}.md").read_text()
+        _check_rows_against_results(folder / f"{name}.csv", trials, text)
+        paper = next(p for p in tables.PAPER_TABLES if p.key == name)
+        theirs = text.split("The paper")[1]
+        for row in paper.rows:  # the paper's numbers below ours, never mixed into our rows
+            assert f"| {row.label} | {row.paper[0]:.3f} | {row.paper[1]:.3f} |" in theirs
+    # Mean ± std over seeds where the configuration was repeated (search.repeats).
+    runs = pd.read_csv(exp / "repeats.csv", dtype={"trial_id": str})
+    summary = pd.read_csv(exp / "repeats_summary.csv")
+    repeated = conf[conf["best_trial"].isin(runs["trial_id"])]
+    assert len(repeated) >= 1
+    for row in repeated.to_dict("records"):
+        config = runs.loc[runs["trial_id"] == row["best_trial"], "config"].iloc[0]
+        stats = summary[summary["config"] == config].iloc[0]
+        assert row["seeds"] == stats["overall.count"]
+        for m in METRICS:
+            assert row[f"{m}_mean"] == pytest.approx(stats[f"{m}.mean"], abs=1e-12)
+            assert row[f"{m}_std"] == pytest.approx(stats[f"{m}.std"], abs=1e-12)
+        assert f"{row['overall']:.3f} ({row['overall_mean']:.3f} ± {row['overall_std']:.3f})" in md
+    tex = (folder / "configurations.tex").read_text()
+    assert r"\begin{tabular}" in tex and "Overall Score" in tex
+
+
+def test_grid_tables_have_the_papers_rows(analysis_experiments, tmp_path):
+    exp = analysis_experiments.grid
+    assert tables.main([str(exp), "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "tables"
+    t3 = pd.read_csv(folder / "table_3.csv")
+    assert list(t3["configuration"]) == [
+        "design 1 w/o SMART",
+        "design 1 w/ SMART",
+        "design 2 w/o SMART",
+        "design 2 w/ SMART",
+    ]
+    assert list(t3["trials"]) == [1, 1, 1, 1] and list(t3["completed"]) == [1, 1, 1, 1]
+    assert list(t3["paper_overall"]) == [0.740, 0.685, 0.773, 0.766]
+    _check_rows_against_results(
+        folder / "table_3.csv", _trial_keys(exp), (folder / "table_3.md").read_text()
+    )
+    # The grid's "w/o SMART" cells are also Table 1's and Table 2's "Finetune w/ RR".
+    for design in (1, 2):
+        t = pd.read_csv(folder / f"table_{design}.csv").set_index("configuration")
+        assert t.loc["Finetune w/ RR", "trials"] == 1 and t["trials"].sum() == 1
+
+
+EXPECTED_ROWS = {
+    "tables_1_2_design_mode_routine.yaml": {
+        "table_1": ["Pretrain w/ RR", "Finetune w/ RR", "Pretrain w/o RR", "Finetune w/o RR"],
+        "table_2": ["Pretrain w/ RR", "Finetune w/ RR", "Pretrain w/o RR", "Finetune w/o RR"],
+    },
+    "table_3_design_smart.yaml": {
+        "table_3": [
+            "design 1 w/o SMART",
+            "design 1 w/ SMART",
+            "design 2 w/o SMART",
+            "design 2 w/ SMART",
+        ],
+    },
+    "table_4_design_routine_pal.yaml": {
+        "table_4": [
+            "design 1 + PAL",
+            "design 1 + RR + PAL",
+            "design 2 + PAL",
+            "design 2 + RR + PAL",
+        ],
+    },
+    "table_5_design_routine_contrastive.yaml": {
+        "table_5": [
+            "design 1 + SimCSE",
+            "design 1 + RR + SimCSE",
+            "design 2 + SimCSE",
+            "design 2 + RR + SimCSE",
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
+def test_every_ablation_grid_fills_its_paper_table(name):
+    """Each shipped grid, one trial per cell: its paper table has every row, each from one trial."""
+    space = load_space(ABLATIONS / name)
+    rows = []
+    for i, point in enumerate(grid_points(space)):
+        conf = tables.configuration(space.trial_config(point))
+        rows.append(
+            {"trial_id": str(i), "status": "completed", "evaluations": 10, **conf}
+            | {f"best.{m}": 0.5 + i / 100 for m in METRICS}
+        )
+    trials = pd.DataFrame(rows)
+    got = {t.key: s for t, s in tables.paper_tables(trials, "overall")}
+    for key, labels in EXPECTED_ROWS[name].items():
+        assert list(got[key]["configuration"]) == labels
+        assert list(got[key]["trials"]) == [1] * 4
+    # Table 4's grid also has the PAL-free cells: Table 1's and 2's finetune rows.
+    if name.startswith("table_4"):
+        assert sorted(got) == ["table_1", "table_2", "table_4"]
+
+
+def test_a_stopped_trial_never_stands_unmarked():
+    """A configuration whose only scored trial ASHA stopped is marked, with a footnote."""
+    trials = pd.DataFrame(
+        [
+            {
+                "trial_id": "a",
+                "status": "completed",
+                "evaluations": 4,
+                "best.overall": 0.5,
+                "c": "x",
+            },
+            {"trial_id": "b", "status": "stopped", "evaluations": 1, "best.overall": 0.9, "c": "x"},
+            {"trial_id": "c", "status": "stopped", "evaluations": 2, "best.overall": 0.4, "c": "y"},
+            {
+                "trial_id": "d",
+                "status": "error",
+                "evaluations": 0,
+                "best.overall": np.nan,
+                "c": "y",
+            },
+        ]
+    )
+    for m in METRICS[:-1]:
+        trials[f"best.{m}"] = trials["best.overall"]
+    summary = tables.summarize(trials, [(c, trials["c"] == c) for c in ("x", "y")], "overall")
+    # x: the completed trial stands, though the stopped one scored higher part-way.
+    assert list(summary["best_trial"]) == ["a", "c"]
+    shown, notes = tables.display(summary, max_t=4)
+    assert shown.loc[0, "Overall Score"] == "0.500"
+    assert shown.loc[1, "Overall Score"] == "0.400†"
+    assert shown.loc[1, "Trials"] == "2 (1 stopped, 1 error)"
+    assert any(n.startswith("†") and "c: 2 of 4" in n for n in notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance and plots
+
+
+def _rung_score(trial_dir: Path, rung: int) -> float:
+    reports = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x]
+    return max(r["overall"] for r in reports if "evaluation" in r and r["evaluation"] <= rung)
+
+
+def test_importance_uses_every_trial_at_a_rung_and_plots_their_values(
+    analysis_experiments, tmp_path
+):
+    exp = analysis_experiments.search
+    assert importance.main([str(exp), "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "importance"
+    summary = json.loads((folder / "importance.json").read_text())
+    df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str}).set_index("trial_id")
+    ok = df[df["status"] != "error"]
+    assert summary["rung"] == 1  # ASHA's first rung: the grace period every trial reached
+    assert sorted(summary["trials"]) == sorted(ok.index)  # stopped trials included
+    assert set(summary["excluded_trials"]) == set(df.index[df["status"] == "error"])
+    assert (ok["status"] == "stopped").any()
+    # head_hidden is sampled only with two head layers: left out, with the reason.
+    assert set(summary["importance"]) == {"design", "routine", "lr", "head_layers", "head_dropout"}
+    assert "sampled only when head_layers: 2" in summary["left_out"]["head_hidden"]
+    assert sum(summary["importance"].values()) == pytest.approx(1.0)
+    assert "head_hidden" in (folder / "importance.md").read_text()
+
+    # Each parameter's plot: the points are the trials' values and scores.
+    for name in ("lr", "head_dropout", "design", "head_hidden"):
+        points = pd.read_csv(folder / f"param_{name}.csv", dtype={"trial_id": str}).set_index(
+            "trial_id"
+        )
+        having = ok[ok[f"param.{name}"].notna()]
+        assert sorted(points.index) == sorted(having.index)
+        for trial_id, p in points.iterrows():
+            assert p["value"] == pytest.approx(having.loc[trial_id, f"param.{name}"])
+            assert p["score_at_rung"] == _rung_score(Path(df.loc[trial_id, "trial_dir"]), 1)
+            if df.loc[trial_id, "status"] == "completed":
+                assert p["final_score"] == df.loc[trial_id, "best.overall"]
+            else:
+                assert math.isnan(p["final_score"])
+        assert (folder / f"param_{name}.png").stat().st_size > 0
+    bars = pd.read_csv(folder / "importance.csv")
+    assert dict(
+        zip(bars["parameter"][bars["scope"] == "all trials"], bars["importance"], strict=True)
+    ) == pytest.approx(summary["importance"])
+
+    # Learning curves: every evaluation of every trial, as Tune recorded it.
+    curves = pd.read_csv(folder / "learning_curves.csv", dtype={"trial_id": str})
+    for trial_id, row in df.iterrows():
+        reports = [
+            json.loads(x)
+            for x in (Path(row["trial_dir"]) / "result.json").read_text().splitlines()
+            if x
+        ]
+        evals = [r for r in reports if "evaluation" in r]
+        mine = curves[curves["trial_id"] == trial_id]
+        assert list(mine["evaluation"]) == [int(r["evaluation"]) for r in evals]
+        assert list(mine["overall"]) == [r["overall"] for r in evals]
+        assert len(mine) == row["evaluations"]
+
+
+@pytest.mark.parametrize(
+    ("dist", "values", "expected"),
+    [
+        (FloatDistribution(0.0, 0.3), [0.29, 0.1, 0.15, 0.2, 0.05], "upper boundary"),
+        (FloatDistribution(0.0, 0.3), [0.01, 0.1, 0.15, 0.2, 0.25], "lower boundary"),
+        (FloatDistribution(0.0, 0.3), [0.15, 0.29, 0.01, 0.2, 0.05], None),
+        # log scale: 3e-4 sits in the middle of [1e-5, 1e-2] on a log axis, not at its low end.
+        (FloatDistribution(1e-5, 1e-2, log=True), [3e-4, 1e-2, 1e-5, 5e-3, 2e-3], None),
+        (
+            FloatDistribution(1e-5, 1e-2, log=True),
+            [1.1e-5, 3e-4, 1e-3, 5e-3, 2e-3],
+            "lower boundary",
+        ),
+        (IntDistribution(1, 100), [99, 3, 50, 40, 60], "upper boundary"),
+        (CategoricalDistribution([16, 32, 64]), [64, 16, 32, 32, 16], "upper boundary"),
+        (CategoricalDistribution([16, 32]), [32, 16, 32, 16, 32], None),  # two choices: no inside
+        (CategoricalDistribution(["cls", "mean"]), ["cls", "mean", "cls", "mean", "cls"], None),
+    ],
+)
+def test_boundary_warning(dist, values, expected):
+    scores = [0.9, 0.5, 0.4, 0.3, 0.2]  # the first value is the best
+    warning = importance.boundary_warning("p", dist, values, scores)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None and expected in warning
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensemble
+
+
+def _best_completed(exp: Path, design: int | None = None) -> pd.Series:
+    """The best completed trial (with ``design``: the best of that design that did not fail)."""
+    df = _trial_keys(exp)
+    done = df[df["status"] == "completed"] if design is None else df[df["status"] != "error"]
+    if design is not None:
+        done = done[[k[0] == design for k in done["key"]]]
+    return done.sort_values("best.overall", ascending=False).iloc[0]
+
+
+def _ensemble(exp: Path, out: Path, *args: str) -> Path:
+    assert (
+        ensemble.main(
+            [str(exp), "--out", str(out), "--max-eval-examples", "64", "--seed", "0", *args]
+        )
+        == 0
+    )
+    return out / "ensemble"
+
+
+def test_ensemble_of_one_or_two_identical_members_reproduces_the_member(
+    analysis_experiments, tmp_path
+):
+    exp, data_dir = analysis_experiments.search, analysis_experiments.data_dir
+    best = _best_completed(exp)
+    own = Path(best["trial_dir"]) / "predictions"
+    one = _ensemble(exp, tmp_path / "one", "--members", best["trial_id"])
+    two = _ensemble(exp, tmp_path / "two", "--members", f"{best['trial_id']},{best['trial_id']}")
+    for task in ("sst", "para", "sts"):
+        name = f"{task}-dev-output.csv"
+        # The trial's own dev predictions (same 64 examples, written by the trainer) byte for byte.
+        assert (one / name).read_bytes() == (own / name).read_bytes()
+        assert (two / name).read_bytes() == (own / name).read_bytes()
+    for name in ("sst-test-output.csv", "sts-test-output.csv"):
+        assert (two / name).read_bytes() == (one / name).read_bytes()
+    # Its dev scores are the search's for that trial (same checkpoint, same examples).
+    dev = json.loads((one / "ensemble.json").read_text())["dev"]
+    for m in METRICS:
+        assert dev[m] == best[f"best.{m}"]
+    # The test files parse and cover every test id; the absent Quora test file is named.
+    for task in ("sst", "sts"):
+        preds = read_predictions(one / f"{task}-test-output.csv")
+        ids = data_lib.read_split(data_dir, task, "test").ids
+        assert sorted(preds["id"]) == sorted(ids) and preds["id"].is_unique
+        if task == "sst":
+            assert set(preds["prediction"]) <= {0, 1, 2, 3, 4}
+    assert not (one / "para-test-output.csv").exists()
+    assert "quora-test-student.csv" in (one / "MISSING.txt").read_text()
+    header = (one / "sst-test-output.csv").read_text().splitlines()[0]
+    assert header == "id \t Predicted_Sentiment "
+
+
+def test_ensemble_averages_members_of_different_designs(analysis_experiments, tmp_path):
+    exp = analysis_experiments.search
+    a, b = _best_completed(exp, design=1), _best_completed(exp, design=2)
+    pa = _ensemble(exp, tmp_path / "a", "--members", a["trial_id"])
+    pb = _ensemble(exp, tmp_path / "b", "--members", b["trial_id"])
+    both = _ensemble(exp, tmp_path / "ab", "--members", f"{a['trial_id']},{b['trial_id']}")
+    members = pd.read_csv(both / "members.csv")
+    assert list(members["configuration"].str[:8]) == ["design 1", "design 2"]
+    mean = (
+        read_predictions(pa / "sts-dev-output.csv")["prediction"]
+        + read_predictions(pb / "sts-dev-output.csv")["prediction"]
+    ) / 2
+    got = read_predictions(both / "sts-dev-output.csv")["prediction"]
+    assert np.allclose(got, mean, atol=1.5e-6)  # printed with 6 decimals
+    table = pd.read_csv(both / "table_6.csv")
+    assert table["row"].iloc[-2] == "ensemble of 2: dev"
+    dev = json.loads((both / "ensemble.json").read_text())["dev"]
+    assert table["overall"].iloc[-2] == pytest.approx(dev["overall"])
+
+
+def test_greedy_selection_never_scores_below_its_best_member(analysis_experiments, tmp_path):
+    exp = analysis_experiments.search
+    out = _ensemble(exp, tmp_path, "--top-k", "3", "--greedy", "--include-stopped")
+    members = pd.read_csv(out / "members.csv")
+    summary = json.loads((out / "ensemble.json").read_text())
+    assert len(members) == 3 and 1 <= len(summary["selected"]) <= 3
+    assert summary["dev"]["overall"] >= members["dev.overall"].max() - 1e-12
+    assert "greedy forward selection" in (out / "table_6.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def test_report_links_every_plot_and_table(analysis_experiments):
+    exp, data_dir = analysis_experiments.search, analysis_experiments.data_dir
+    # The whole dev set, into EXP/analysis.
+    assert ensemble.main([str(exp), "--top-k", "2", "--include-stopped"]) == 0
+    assert report.main([str(exp)]) == 0
+    folder = exp / "analysis"
+    text = (folder / "report.md").read_text()
+    links = set(re.findall(r"\]\(([^)#]+)\)", text))
+    for target in links:
+        assert (folder / target).is_file(), target
+    outputs = [
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix in (".png", ".md", ".tex")
+        or (p.suffix == ".csv" and p.parent.name in ("tables", "ensemble"))
+    ]
+    outputs = [o for o in outputs if o != "report.md"]
+    assert outputs and not sorted(set(outputs) - links)
+    assert f"python -m mtl.search {analysis_experiments.search_space}" in text
+    assert "python -m analysis.ensemble" in text and "--top-k 2" in text
+    # Figure 4: the label counts plotted are those of the ensemble's dev predictions and gold.
+    sst = read_predictions(folder / "ensemble" / "sst-dev-output.csv")
+    gold = data_lib.read_split(data_dir, "sst", "dev")
+    assert len(sst) == len(gold.ids)  # the whole dev set
+    dist = pd.read_csv(folder / "predictions" / "sst_label_distribution.csv")
+    assert list(dist["predicted"]) == [int((sst["prediction"] == k).sum()) for k in range(5)]
+    assert list(dist["gold"]) == [gold.labels.count(k) for k in range(5)]
+    confusion = pd.read_csv(folder / "predictions" / "sst_confusion.csv")
+    assert confusion["count"].sum() == len(sst)
+    assert confusion.groupby("predicted")["count"].sum().tolist() == list(dist["predicted"])
+    scatter = pd.read_csv(folder / "predictions" / "sts_scatter.csv", dtype={"id": str})
+    sts = read_predictions(folder / "ensemble" / "sts-dev-output.csv")
+    assert list(scatter["prediction"]) == list(sts["prediction"])
+    raw = data_lib.read_split(data_dir, "sts", "dev")
+    sts_gold = dict(zip(raw.ids, raw.labels, strict=True))
+    assert list(scatter["gold"]) == [sts_gold[i] for i in scatter["id"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _no_results(tmp_path: Path) -> str:
+    (tmp_path / "empty").mkdir()
+    return str(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        (tables.main, lambda e, t: [str(t / "nowhere")], "no such folder"),
+        (importance.main, lambda e, t: [_no_results(t)], "no results.csv"),
+        (ensemble.main, lambda e, t: [str(e), "--top-k", "50"], "--top-k 50: analysis has only"),
+        (
+            ensemble.main,
+            lambda e, t: [str(e), "--members", "nosuchtrial"],
+            "no trial 'nosuchtrial'",
+        ),
+        (ensemble.main, lambda e, t: [str(e)], "exactly one of --top-k"),
+        (
+            importance.main,
+            lambda e, t: [str(e), "--rung", "9"],
+            "--rung 9: above the 4 evaluations",
+        ),
+        (report.main, lambda e, t: [str(e), "--data-dir", str(t / "nodata")], "--data-dir"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(
+    analysis_experiments, tmp_path, capsys, command, args, message
+):
+    rc = run_main(command, args(analysis_experiments.search, tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_the_command_line_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.tables", str(tmp_path / "nowhere")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
