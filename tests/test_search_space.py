@@ -212,6 +212,16 @@ def test_bad_file_from_the_shell_has_no_traceback(tmp_path):
     assert "Ray" not in proc.stdout  # refused before Ray started
 
 
+def test_set_overrides_values_before_validation(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(_space())
+    space = load_space(path, ["base.model.backbone=/some/folder", "experiment.name=other"])
+    assert space.base["model"]["backbone"] == "/some/folder"
+    assert space.experiment.name == "other"
+    with pytest.raises(SpaceError, match=r"\(with --set\): base: train\.nope: unknown key"):
+        load_space(path, ["base.train.nope=1"])
+
+
 def test_good_file_is_valid(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(_space())

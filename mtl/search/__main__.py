@@ -36,10 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-dashboard", action="store_true", help="start no Ray dashboard")
     parser.add_argument("--check", action="store_true", help="validate the file and exit")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one value of the file, e.g. --set base.model.backbone=minilm"
+        " (repeatable; give the same ones again with --resume)",
+    )
     args = parser.parse_args(argv)
 
     try:
-        space = load_space(args.space)
+        space = load_space(args.space, args.overrides)
     except SpaceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mtl.config import Config, ConfigError, build_config, load_yaml, merge
+from mtl.config import Config, ConfigError, build_config, load_yaml, merge, parse_overrides
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
@@ -326,13 +326,20 @@ def _format_pydantic(err: ValidationError) -> str:
     return f"{key}: {msg}"
 
 
-def load_space(path: str | Path) -> DesignSpace:
-    """Read and validate a design-space file; raises :class:`SpaceError` (one line)."""
+def load_space(path: str | Path, overrides: list[str] | None = None) -> DesignSpace:
+    """Read and validate a design-space file; raises :class:`SpaceError` (one line).
+
+    ``overrides`` are ``key=value`` strings applied to the file before validation, such as
+    ``base.model.backbone=minilm`` or ``resources_per_trial.gpu=0``.
+    """
+    source = str(path) + (" (with --set)" if overrides else "")
     try:
         raw = load_yaml(path)
+        if overrides:
+            raw = merge(raw, parse_overrides(overrides))
     except ConfigError as err:
         raise SpaceError(str(err)) from None
-    return parse_space(raw, str(path))
+    return parse_space(raw, source)
 
 
 def parse_space(raw: dict[str, Any], source: str = "design space") -> DesignSpace:
