@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from mtl.config import load_config
+from mtl.search.space import load_space
 from mtl.train import train
 
 pytestmark = pytest.mark.slow
@@ -156,6 +157,8 @@ def test_results_csv_has_every_trial_with_its_status(tiny_experiment):
     _, exp, _ = tiny_experiment
     df = pd.read_csv(exp / "results.csv")
     assert len(df) == 6
+    # The design space as it ran is kept beside the results, loadable as a design-space file.
+    assert load_space(exp / "design_space.yaml").search.num_samples == 6
     assert df["trial_id"].is_unique
     assert set(df["status"]) <= {"completed", "stopped", "error"}
     by_lr = df.set_index("param.lr")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The reference results under results/: quick.yaml as shipped, then the paper's ablation grids
+# (Tables 1-5) with MiniLM on CPU at a small budget, then the analysis of each experiment.
+# Resumable: run it again and each search continues (--resume) instead of starting over.
+# Usage: results/run_reference.sh [STORAGE]   (default: ../mtl-reference-runs, outside the repo:
+# the experiments hold model checkpoints; only tables, plots, reports and predictions are kept here)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+storage=$(realpath -m "${1:-../mtl-reference-runs}")
+mkdir -p "$storage"
+# The budget, recorded beside the results (results/BUDGET.md says the same in words).
+budget=(
+  --set "experiment.storage_path=$storage"
+  --set base.model.backbone=minilm
+  --set base.data.max_train_examples=1000
+  --set base.data.max_eval_examples=1000
+  --set base.data.max_length=64
+  --set base.train.epochs=2
+  --set base.train.eval_every=1
+  --set base.train.batch_size=16
+  --set base.train.device=cpu
+  --set base.train.num_threads=1
+  --set base.contrastive.max_examples=1000
+  --set base.contrastive.epochs=2
+  --set resources_per_trial.cpu=1
+  --set resources_per_trial.gpu=0
+  --set search.max_concurrent_trials=2
+)
+
+search() {  # search FILE NAME [extra --set ...]
+  local file=$1 name=$2; shift 2
+  local args=("$file" --num-cpus 2 --no-dashboard --set "experiment.name=$name" "$@")
+  if [ -d "$storage/$name" ] && [ ! -f "$storage/$name/results.csv" ]; then
+    python -m mtl.search "${args[@]}" --resume
+  elif [ ! -f "$storage/$name/results.csv" ]; then
+    python -m mtl.search "${args[@]}"
+  fi
+  python -m analysis.tables "$storage/$name" --out "results/$name"
+}
+
+search search_spaces/quick.yaml quick --set "experiment.storage_path=$storage"
+for grid in tables_1_2_design_mode_routine table_3_design_smart table_4_design_routine_pal \
+  table_5_design_routine_contrastive; do
+  search "search_spaces/ablations/$grid.yaml" "$grid" "${budget[@]}"
+done
+python -m analysis.importance "$storage/quick" --out results/quick
+python -m analysis.ensemble "$storage/quick" --top-k 3 --out results/quick
+python -m analysis.report "$storage/quick" --out results/quick
+for grid in tables_1_2_design_mode_routine table_3_design_smart table_4_design_routine_pal \
+  table_5_design_routine_contrastive; do
+  python -m analysis.report "$storage/$grid" --out "results/$grid"
+done
