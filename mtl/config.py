@@ -245,6 +245,18 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return nested
 
 
+def add_set_argument(parser: Any, example: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option of every command that reads a YAML file."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one value of the file, e.g. --set {example} (repeatable)",
+    )
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; ``update`` wins."""
     out = dict(base)

@@ -693,18 +693,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from mtl.backbones import BackboneError
     from mtl.bert import CheckpointError
-    from mtl.config import ConfigError, load_config
+    from mtl.config import ConfigError, add_set_argument, load_config
 
     parser = argparse.ArgumentParser(prog="python -m mtl.train", description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="YAML config (default: every default)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set train.lr=1e-4 (repeatable)",
-    )
+    add_set_argument(parser, "train.lr=1e-4")
     parser.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint folder")
     parser.add_argument("--output-dir", help="run folder (overrides output_dir)")
     args = parser.parse_args(argv)

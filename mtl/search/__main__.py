@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from mtl.config import add_set_argument
 from mtl.search.space import SpaceError, load_space
 
 
@@ -36,15 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-dashboard", action="store_true", help="start no Ray dashboard")
     parser.add_argument("--check", action="store_true", help="validate the file and exit")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one value of the file, e.g. --set base.model.backbone=minilm"
-        " (repeatable; give the same ones again with --resume)",
-    )
+    add_set_argument(parser, "base.model.backbone=minilm; give the same ones again with --resume")
     args = parser.parse_args(argv)
 
     try:
