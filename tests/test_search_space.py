@@ -447,3 +447,29 @@ def test_ablation_grids_cover_the_paper_tables():
         "table_5_design_routine_contrastive.yaml": 8,
         "tables_1_2_design_mode_routine.yaml": 8,
     }
+
+
+@pytest.mark.parametrize(
+    ("resources", "available", "match"),
+    [
+        (
+            {"cpu": 4},
+            {"CPU": 2.0},
+            r"resources_per_trial\.cpu: a trial asks for 4 CPU but .* has 2",
+        ),
+        ({"cpu": 1, "gpu": 1}, {"CPU": 2.0}, r"resources_per_trial\.gpu: .* 1 GPU but .* has 0"),
+        ({"cpu": 0.5, "gpu": 0.5}, {"CPU": 2.0, "GPU": 1.0}, None),
+    ],
+)
+def test_a_trial_a_local_ray_cannot_schedule_is_refused(tmp_path, resources, available, match):
+    from mtl.search.run import check_fits
+
+    path = tmp_path / "space.yaml"
+    path.write_text(_space())
+    overrides = [f"resources_per_trial.{k}={v}" for k, v in resources.items()]
+    space = load_space(path, overrides)
+    if match is None:
+        check_fits(space, available)
+    else:
+        with pytest.raises(SpaceError, match=match):
+            check_fits(space, available)

@@ -355,6 +355,22 @@ def finish_study(exp: Experiment) -> optuna.Study | None:
     return study
 
 
+def check_fits(space: DesignSpace, available: dict[str, float]) -> None:
+    """Refuse a trial that a local Ray, which cannot grow, could never schedule.
+
+    A cluster that autoscales may add the resources later, so this is only for a local Ray.
+    """
+    want = space.resources_per_trial
+    for key, name in (("cpu", "CPU"), ("gpu", "GPU")):
+        asked, have = getattr(want, key), available.get(name, 0.0)
+        if asked > have:
+            raise SpaceError(
+                f"resources_per_trial.{key}: a trial asks for {asked:g} {name} but this machine's "
+                f"Ray has {have:g}; lower it (--set resources_per_trial.{key}={have:g}) "
+                "or join a cluster with --address"
+            )
+
+
 def run_search(
     space: DesignSpace,
     *,
@@ -372,6 +388,8 @@ def run_search(
     init_ray(address, num_cpus, dashboard_host, include_dashboard)
     if smoke:
         space = smoke_space(space, _cluster_has_gpu())
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        check_fits(space, ray.cluster_resources())
     exp = locate(space)
     probe_storage(exp.storage_path)
     _prepare(space, exp, resume=resume, fresh=smoke)
