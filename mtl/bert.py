@@ -414,12 +414,20 @@ class BertModel(nn.Module):
         self.load_state_dict(state_dict, strict=True)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, **config_overrides: Any) -> BertModel:
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        *,
+        state_dict: Mapping[str, Tensor] | None = None,
+        **config_overrides: Any,
+    ) -> BertModel:
         """Builds the encoder from a backbone name or folder and loads its weights.
 
         Args:
             name_or_dir: "minilm", a local folder, or a hub name; see
                 :func:`mtl.backbones.resolve_backbone`.
+            state_dict: the folder's weights already in memory (e.g. shared by a search through
+                Ray's object store), so the weights file is not read again.
             **config_overrides: config fields to replace, e.g. ``hidden_dropout_prob=0.0``.
 
         Returns:
@@ -434,7 +442,7 @@ class BertModel(nn.Module):
         config = BertConfig.from_json_file(folder / "config.json")
         config = dataclasses.replace(config, **config_overrides)
         model = cls(config)
-        model.load_hf_state_dict(read_checkpoint(folder))
+        model.load_hf_state_dict(state_dict if state_dict is not None else read_checkpoint(folder))
         return model
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,7 +130,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(
-    cfg: Config, backbone_dir: Path, encoder_weights: Path | None = None
+    cfg: Config,
+    backbone_dir: Path,
+    encoder_weights: Path | None = None,
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
 ) -> MultitaskBert:
     """The encoder from its pretrained (or stage-1) weights, its PALs, and fresh heads."""
     overrides: dict[str, Any] = {}
@@ -139,7 +142,7 @@ def build_model(
             "hidden_dropout_prob": cfg.model.encoder_dropout,
             "attention_probs_dropout_prob": cfg.model.encoder_dropout,
         }
-    encoder = BertModel.from_pretrained(str(backbone_dir), **overrides)
+    encoder = BertModel.from_pretrained(str(backbone_dir), state_dict=backbone_state, **overrides)
     if encoder_weights is not None:
         contrastive.load_encoder(encoder, encoder_weights)
     model = MultitaskBert(encoder, cfg.model)
@@ -426,6 +429,7 @@ def train(
     resume_from: str | Path | None = None,
     run_dir: str | Path | None = None,
     data: data_lib.TaskData | None = None,
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train one multitask model and return its best dev metrics.
 
@@ -435,6 +439,8 @@ def train(
         resume_from: a checkpoint folder written by an earlier run of the same config.
         run_dir: the run folder (default ``cfg.output_dir`` or ``runs/<time>``).
         data: pre-tokenized data (as :func:`load_data` builds it), e.g. shared by a search.
+        backbone_state: the backbone's pretrained weights already in memory (as
+            :func:`mtl.bert.read_checkpoint` reads them), e.g. shared by a search.
 
     Returns:
         The dev metrics of the best evaluation by ``cfg.train.selection_metric``, plus
@@ -471,7 +477,8 @@ def train(
         )
     )
 
-    model = build_model(cfg, backbone_dir, stage1.path if stage1 else None).to(device)
+    model = build_model(cfg, backbone_dir, stage1.path if stage1 else None, backbone_state)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.peak_lr)
     tasks = [t for t in cfg.data.tasks if t in data.train]
     train_sets = {t: data.train[t] for t in tasks}

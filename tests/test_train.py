@@ -190,3 +190,17 @@ def test_one_epoch_on_real_data_with_minilm(real_data_dir: Path, tmp_path: Path)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     quora = next(r for r in report["skipped"] if r["file"] == "quora-train.csv")
     assert quora["skipped"] == {"empty label": 2}
+
+
+def test_weights_given_in_memory_replace_the_file(tiny_backbone: Path) -> None:
+    """What a search shares through Ray's object store is what the model starts from."""
+    from mtl.bert import read_checkpoint
+    from mtl.train import build_model
+
+    state = read_checkpoint(tiny_backbone)
+    state = {k: torch.full_like(v, 0.5) if "pooler" in k else v for k, v in state.items()}
+    cfg = build_config({"model": {"head_hidden": 8}})
+    model = build_model(cfg, tiny_backbone, backbone_state=state)
+    assert torch.all(model.encoder.pooler.dense.weight == 0.5)
+    from_file = build_model(cfg, tiny_backbone)
+    assert not torch.all(from_file.encoder.pooler.dense.weight == 0.5)

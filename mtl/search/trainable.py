@@ -11,7 +11,8 @@ What runs where:
   objective) are the durable copies.
 * A retried trial resumes from ``tune.get_checkpoint()``.
 * The tokenized data comes from a :class:`DataCache` actor that builds each distinct dataset once
-  per experiment and keeps it in Ray's object store.
+  per experiment and keeps it in Ray's object store. The backbone's pretrained weights come from
+  the same actor: read from disk once, fetched once per node, shared by the trials there.
 * A non-finite loss reports one result flagged ``nonfinite`` and re-raises; the driver's
   :class:`NoRetryOnNonFinite` callback sees the flag and spends the trial's retries, so the error
   ends the trial at once.
@@ -141,6 +142,7 @@ class DataCache:
 
     def __init__(self) -> None:
         self._refs: dict[str, ray.ObjectRef] = {}
+        self._weights: dict[str, ray.ObjectRef] = {}
 
     def get(self, key: str, cfg_dict: dict[str, Any]) -> list[ray.ObjectRef]:
         # A list, so that Ray hands the caller the reference instead of resolving it here.
@@ -149,6 +151,29 @@ class DataCache:
 
             self._refs[key] = ray.put(pack(load_data(build_config(cfg_dict))))
         return [self._refs[key]]
+
+    def weights(self, backbone: str) -> list[ray.ObjectRef]:
+        """The backbone's pretrained weights as NumPy arrays: each node fetches them once into
+        its object store and every trial there reads them from shared memory, not from disk."""
+        if backbone not in self._weights:
+            from mtl.backbones import resolve_backbone
+            from mtl.bert import read_checkpoint
+
+            state = read_checkpoint(resolve_backbone(backbone))
+            self._weights[backbone] = ray.put({k: v.numpy() for k, v in state.items()})
+        return [self._weights[backbone]]
+
+
+def _shared_weights(spec: TrialSpec, backbone: str) -> dict[str, Any] | None:
+    if spec.data_cache is None:
+        return None
+    try:
+        ref = ray.get(spec.data_cache.weights.remote(backbone))[0]
+    except ray.exceptions.RayActorError as err:
+        log.warning("weights cache unavailable (%s); this trial reads the weights file", err)
+        return None
+    # A copy out of the read-only shared buffer; the file is not read again.
+    return {k: torch.tensor(v) for k, v in ray.get(ref).items()}
 
 
 def _shared_data(spec: TrialSpec, cfg_dict: dict[str, Any]):
@@ -203,6 +228,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         checkpoint.to_directory(str(resume_from))
 
     data = _shared_data(spec, cfg_dict)
+    weights = _shared_weights(spec, cfg.model.backbone)
     setup_s = time.time() - started
 
     def reporter(metrics: dict[str, float], checkpoint_dir: Path) -> None:
@@ -214,7 +240,14 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         )
 
     try:
-        best = train(cfg, reporter, resume_from=resume_from, run_dir=run_dir, data=data)
+        best = train(
+            cfg,
+            reporter,
+            resume_from=resume_from,
+            run_dir=run_dir,
+            data=data,
+            backbone_state=weights,
+        )
     except NonFiniteLossError as err:
         mirror(run_dir, work_dir)
         tune.report({NONFINITE_KEY: 1.0, best_key: last.get(best_key, math.nan), "error": str(err)})
