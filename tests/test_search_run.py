@@ -293,7 +293,9 @@ def test_smoke_runs_any_space_with_a_tiny_budget(tmp_path, tiny_backbone, real_d
 def test_time_budget_stops_trials_and_closes_the_study(tmp_path, tiny_backbone, real_data_dir):
     space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "budget", num_samples=20)
     raw = yaml.safe_load(space.read_text())
-    raw["search"].update(time_budget_s=15, sampler="tpe")
+    # Long enough that a trial is running when it ends, also when a loaded machine is slow to
+    # start Ray's worker processes (15 s was not, at load 6 on 2 cores); 20 trials need ~100 s.
+    raw["search"].update(time_budget_s=30, sampler="tpe")
     space.write_text(yaml.safe_dump(raw))
     run_cli(space)
     df = pd.read_csv(tmp_path / "results" / "budget" / "results.csv")
