@@ -438,7 +438,13 @@ def test_report_links_every_plot_and_table(analysis_experiments):
     ]
     outputs = [o for o in outputs if o != "report.md"]
     assert outputs and not sorted(set(outputs) - links)
-    assert f"python -m mtl.search {analysis_experiments.search_space}" in text
+    # The command reruns the design space as it ran (the copy the search keeps in EXP).
+    rerun = re.search(r"python -m mtl\.search (\S+)", text)
+    assert rerun is not None
+    from mtl.search.space import load_space
+
+    original = load_space(analysis_experiments.search_space)
+    assert load_space(rerun.group(1)) == original
     assert "python -m analysis.ensemble" in text and "--top-k 2" in text
     # Figure 4: the label counts plotted are those of the ensemble's dev predictions and gold.
     sst = read_predictions(folder / "ensemble" / "sst-dev-output.csv")

@@ -139,7 +139,7 @@ def _read_marker(path: str) -> str | None:
         return None
 
 
-def probe_storage(storage_path: str, min_nodes: int = 2) -> None:
+def probe_storage(storage_path: str, min_nodes: int = 2, timeout_s: float = 60.0) -> None:
     """Refuse a local storage path that some node of the cluster cannot read.
 
     Each node's trials write their results and checkpoints to the storage path, so on a cluster
@@ -158,15 +158,25 @@ def probe_storage(storage_path: str, min_nodes: int = 2) -> None:
     marker = Path(storage_path) / f".probe-{token}"
     marker.write_text(token)
     try:
-        for node in nodes:
-            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            seen = ray.get(_read_marker.options(scheduling_strategy=strategy).remote(str(marker)))
-            if seen != token:
-                raise SpaceError(
-                    f"experiment.storage_path: {storage_path} is not reachable from node "
-                    f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}); use a folder shared by "
-                    "every node or a URI such as s3://bucket/path"
-                )
+        refs = {
+            node["NodeID"]: _read_marker.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(str(marker))
+            for node in nodes
+        }
+        # All nodes at once; a node whose task cannot start in time counts as unreachable.
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        failing = [
+            f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+            for node in nodes
+            if refs[node["NodeID"]] not in ready or ray.get(refs[node["NodeID"]]) != token
+        ]
+        if failing:
+            raise SpaceError(
+                f"experiment.storage_path: {storage_path} is not reachable from node "
+                f"{', '.join(failing)}; use a folder shared by every node or a URI such as "
+                "s3://bucket/path"
+            )
     finally:
         marker.unlink(missing_ok=True)
 
@@ -387,7 +397,9 @@ def run_search(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(address, num_cpus, dashboard_host, include_dashboard)
     if smoke:
-        space = smoke_space(space, _cluster_has_gpu())
+        # On a cluster that autoscales from zero workers no GPU is there yet: keep the trial's.
+        joined = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+        space = smoke_space(space, joined or _cluster_has_gpu())
     if address is None and not os.environ.get("RAY_ADDRESS"):
         check_fits(space, ray.cluster_resources())
     exp = locate(space)
