@@ -2,8 +2,11 @@
 # The reference results under results/: quick.yaml as shipped, then the paper's ablation grids
 # (Tables 1-5) with MiniLM on CPU at a small budget, then the analysis of each experiment.
 # Resumable: run it again and each search continues (--resume) instead of starting over.
-# Usage: results/run_reference.sh [STORAGE]   (default: ../mtl-reference-runs, outside the repo:
-# the experiments hold model checkpoints; only tables, plots, reports and predictions are kept here)
+# Usage: [EXAMPLES=N EPOCHS=N GRIDS="..."] results/run_reference.sh [STORAGE]
+#   STORAGE defaults to ../mtl-reference-runs, outside the repo: the experiments hold model
+#   checkpoints; only tables, plots, reports and predictions are kept here. EXAMPLES (training
+#   examples per task, default 1000), EPOCHS (default 2) and GRIDS (default: all four) set the
+#   grids' budget; results/BUDGET.md records what each committed table ran with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 storage=$(realpath -m "${1:-../mtl-reference-runs}")
@@ -12,15 +15,15 @@ mkdir -p "$storage"
 budget=(
   --set "experiment.storage_path=$storage"
   --set base.model.backbone=minilm
-  --set base.data.max_train_examples=1000
+  --set "base.data.max_train_examples=${EXAMPLES:-1000}"
   --set base.data.max_eval_examples=1000
   --set base.data.max_length=64
-  --set base.train.epochs=2
+  --set "base.train.epochs=${EPOCHS:-2}"
   --set base.train.eval_every=1
   --set base.train.batch_size=16
   --set base.train.device=cpu
   --set base.train.num_threads=1
-  --set base.contrastive.max_examples=1000
+  --set "base.contrastive.max_examples=${EXAMPLES:-1000}"
   --set base.contrastive.epochs=2
   --set resources_per_trial.cpu=1
   --set resources_per_trial.gpu=0
@@ -38,15 +41,17 @@ search() {  # search FILE NAME [extra --set ...]
   python -m analysis.tables "$storage/$name" --out "results/$name"
 }
 
+grids=${GRIDS:-tables_1_2_design_mode_routine table_3_design_smart table_4_design_routine_pal \
+table_5_design_routine_contrastive}
 search search_spaces/quick.yaml quick --set "experiment.storage_path=$storage"
-for grid in tables_1_2_design_mode_routine table_3_design_smart table_4_design_routine_pal \
-  table_5_design_routine_contrastive; do
+for grid in $grids; do
   search "search_spaces/ablations/$grid.yaml" "$grid" "${budget[@]}"
 done
-python -m analysis.importance "$storage/quick" --out results/quick
-python -m analysis.ensemble "$storage/quick" --top-k 3 --out results/quick
-python -m analysis.report "$storage/quick" --out results/quick
-for grid in tables_1_2_design_mode_routine table_3_design_smart table_4_design_routine_pal \
-  table_5_design_routine_contrastive; do
+if [ ! -f results/quick/ensemble/ensemble.json ]; then
+  python -m analysis.importance "$storage/quick" --out results/quick
+  python -m analysis.ensemble "$storage/quick" --top-k 3 --out results/quick
+  python -m analysis.report "$storage/quick" --out results/quick
+fi
+for grid in $grids; do
   python -m analysis.report "$storage/$grid" --out "results/$grid"
 done
