@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -683,11 +683,6 @@ def _write_all_predictions(
         (out_dir / "MISSING.txt").write_text(
             "No test predictions for these absent files:\n" + "\n".join(data.missing) + "\n"
         )
-
-
-def iter_history(run_dir: Path) -> Iterator[dict[str, float]]:
-    """The metrics of every evaluation a run folder recorded."""
-    yield from json.loads((run_dir / "metrics.json").read_text())["history"]
 
 
 # ---------------------------------------------------------------------------------------------
