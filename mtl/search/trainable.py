@@ -188,18 +188,43 @@ def _shared_data(spec: TrialSpec, cfg_dict: dict[str, Any]):
 
 
 def mirror(run_dir: Path, work_dir: Path) -> None:
-    """Copy the trainer's small files (events, metrics, config, predictions) into ``work_dir``."""
+    """Copy the trainer's small files (events, metrics, config, predictions) into ``work_dir``.
+
+    Tune may be syncing ``work_dir`` to storage while this runs (when it stops a trial, its forced
+    final sync overlaps the trial's last mirror), so a file is never rewritten in place, where a
+    reader could catch it half-written: each changed file is copied beside ``work_dir`` and renamed
+    over its old copy, and files that have not changed are left alone.
+    """
     if not run_dir.is_dir():
         return
-    shutil.copytree(
-        run_dir,
-        work_dir,
-        dirs_exist_ok=True,
-        ignore=lambda d, names: [n for n in names if Path(d) == run_dir and n in _HEAVY],
-    )
+    staging = work_dir.parent / f".{work_dir.name}.mirror"
+    staging.mkdir(exist_ok=True)
+    try:
+        for src in _mirrored_files(run_dir):
+            dst = work_dir / src.relative_to(run_dir)
+            if src.name == "best.json" and src.parent.name == "best":
+                dst = work_dir / "best.json"
+            stat = src.stat()
+            if dst.is_file() and _same_file(stat, dst.stat()):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = staging / "file"
+            shutil.copy2(src, tmp)
+            tmp.replace(dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mirrored_files(run_dir: Path) -> list[Path]:
+    files = [
+        p for p in run_dir.rglob("*") if p.is_file() and p.parts[len(run_dir.parts)] not in _HEAVY
+    ]
     best = run_dir / "best" / "best.json"
-    if best.is_file():
-        shutil.copy2(best, work_dir / "best.json")
+    return [*files, best] if best.is_file() else files
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
