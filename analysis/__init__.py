@@ -7,6 +7,9 @@
   (:mod:`analysis.importance`).
 * ``python -m analysis.ensemble EXP --top-k K``: the averaged top-K trials on dev (Table 6) and
   their dev and test predictions in the CS224N submission format (:mod:`analysis.ensemble`).
+* ``python -m analysis.retrain EXP --top-k K``: a design space that re-runs the K best
+  configurations once each at a new budget (``--set``), the ensemble's members trained in full
+  (:mod:`analysis.retrain`).
 * ``python -m analysis.report EXP``: one Markdown page with all of it, the SST label distribution
   (Figure 4), confusion matrices, the STS scatter and the commands to reproduce
   (:mod:`analysis.report`).

@@ -235,6 +235,32 @@ def load_experiment(path: str | Path, space: str | Path | None = None) -> Experi
     return exp
 
 
+def top_trial_ids(
+    exp: Experiment,
+    top_k: int | None,
+    include_stopped: bool = False,
+    metric: str | None = None,
+    need_checkpoint: bool = False,
+) -> list[str]:
+    """The ``top_k`` best completed (or also stopped) trials by ``metric``, best first."""
+    metric = metric or exp.metric
+    statuses = ("completed", "stopped") if include_stopped else ("completed",)
+    keep = exp.results["status"].isin(statuses) & exp.results[f"best.{metric}"].notna()
+    if need_checkpoint:
+        keep &= exp.results["best_checkpoint"].notna()
+    pool = exp.results[keep]
+    if top_k is None or top_k < 1:
+        raise AnalysisError("--top-k: give a number of trials of at least 1")
+    if top_k > len(pool):
+        what = " or stopped" if include_stopped else ""
+        raise AnalysisError(
+            f"--top-k {top_k}: {exp.name} has only {len(pool)} completed{what} trials"
+            + (" with a checkpoint" if need_checkpoint else "")
+            + ("" if include_stopped else " (--include-stopped adds stopped ones)")
+        )
+    return list(pool.sort_values(f"best.{metric}", ascending=False)["trial_id"][:top_k])
+
+
 def _objective(exp: Experiment) -> str:
     if exp.space is not None:
         return exp.space.objective.metric

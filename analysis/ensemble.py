@@ -49,6 +49,7 @@ from analysis.common import (
     markdown_table,
     out_dir,
     run_main,
+    top_trial_ids,
 )
 from analysis.tables import PAPER_TABLE_6, configuration, label
 from mtl import data as data_lib
@@ -93,23 +94,8 @@ def select_members(
     metric: str | None = None,
 ) -> list[Member]:
     """The named trials (repeats allowed), or the top ``top_k`` by the objective."""
-    metric = metric or exp.metric
     if trial_ids is None:
-        statuses = ("completed", "stopped") if include_stopped else ("completed",)
-        pool = exp.results[
-            exp.results["status"].isin(statuses)
-            & exp.results[f"best.{metric}"].notna()
-            & exp.results["best_checkpoint"].notna()
-        ]
-        what = " or stopped" if include_stopped else ""
-        if top_k is None or top_k < 1:
-            raise AnalysisError("--top-k: give a number of members of at least 1")
-        if top_k > len(pool):
-            raise AnalysisError(
-                f"--top-k {top_k}: {exp.name} has only {len(pool)} completed{what} trials with a "
-                "checkpoint" + ("" if include_stopped else " (--include-stopped adds stopped ones)")
-            )
-        trial_ids = list(pool.sort_values(f"best.{metric}", ascending=False)["trial_id"][:top_k])
+        trial_ids = top_trial_ids(exp, top_k, include_stopped, metric, need_checkpoint=True)
     members = []
     for trial_id in trial_ids:
         row = exp.row(trial_id)
@@ -131,7 +117,7 @@ def select_members(
                 cfg,
                 ckpt,
                 label(configuration(raw), backbone=True),
-                float(row[f"best.{metric}"]),
+                float(row[f"best.{metric or exp.metric}"]),
             )
         )
     return members

@@ -20,12 +20,13 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from analysis import ensemble, importance, report, tables
+from analysis import ensemble, importance, report, retrain, tables
 from analysis.common import METRICS, read_predictions, run_main
 from mtl import data as data_lib
 from mtl.search.space import grid_points, load_space
 from tests.conftest import REPO
 from tests.experiment_fixture import Experiments, build_experiments
+from tests.test_search_run import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -465,6 +466,47 @@ def test_report_links_every_plot_and_table(analysis_experiments):
 
 
 # ---------------------------------------------------------------------------------------------
+# Retraining the best configurations
+
+
+def test_retrain_reruns_the_top_configurations_at_the_new_budget(analysis_experiments, tmp_path):
+    exp = analysis_experiments.search
+    df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
+    top = df[df["status"] == "completed"].sort_values("best.overall", ascending=False)[:2]
+    space_file = tmp_path / "retrain.yaml"
+    overrides = ["--set", "base.data.max_train_examples=96", "--set", "base.train.epochs=1"]
+    argv = [str(exp), "--top-k", "2", "--name", "again", "--out", str(space_file), *overrides]
+    assert run_main(retrain.main, argv) == 0
+    space = load_space(space_file)
+    assert (space.search.num_samples, space.scheduler.type) == (2, "fifo")
+    assert space.base["data"]["max_train_examples"] == 96
+
+    run_cli(space_file)
+    again = exp.parent / "again"
+    rerun = pd.read_csv(again / "results.csv", dtype={"trial_id": str})
+    assert (rerun["status"] == "completed").all() and len(rerun) == 2
+    params = [c for c in df.columns if c.startswith("param.")]
+    want = sorted(map(repr, top[params].to_dict("records")))
+    assert sorted(map(repr, rerun[params].to_dict("records"))) == want
+    for trial_dir in rerun["trial_dir"]:
+        cfg = yaml.safe_load((Path(trial_dir) / "config.yaml").read_text())
+        assert (cfg["data"]["max_train_examples"], cfg["train"]["epochs"]) == (96, 1)
+    # Its trials are the ensemble's members like any experiment's.
+    out = tmp_path / "ensemble"
+    assert run_main(ensemble.main, [str(again), "--top-k", "2", "--out", str(out)]) == 0
+    assert (out / "ensemble" / "ensemble.json").is_file()
+
+
+def test_retrain_with_a_bad_override_leaves_no_file(analysis_experiments, tmp_path, capsys):
+    space_file = tmp_path / "retrain.yaml"
+    argv = [str(analysis_experiments.search), "--top-k", "1", "--out", str(space_file)]
+    assert run_main(retrain.main, [*argv, "--set", "base.train.nonsense=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train.nonsense: unknown key" in err and "\n" not in err
+    assert not space_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -485,6 +527,7 @@ def _no_results(tmp_path: Path) -> str:
             "no trial 'nosuchtrial'",
         ),
         (ensemble.main, lambda e, t: [str(e)], "exactly one of --top-k"),
+        (retrain.main, lambda e, t: [str(e), "--top-k", "50"], "--top-k 50: analysis has only"),
         (
             importance.main,
             lambda e, t: [str(e), "--rung", "9"],
