@@ -12,10 +12,8 @@ them with ``--address``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
-import json
 import re
 import shlex
 import subprocess
@@ -31,6 +29,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from mtl.search.space import load_space
 from tests.multinode import LocalCluster, namespace_prefix
+from tests.test_search_run import result_rows, tiny_space
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -417,51 +416,20 @@ EVALS = 6  # evaluations of a full trial below: 3 epochs, eval_every 0.5
 
 def multinode_space(root: Path, backbone: Path, data_dir: Path, name: str, **search) -> Path:
     """Equal tiny trials (FIFO, random sampler), one CPU each, results in a local folder."""
-    raw = {
-        "experiment": {"name": name, "storage_path": str(root / "results"), "seed": 0},
-        "base": {
-            "model": {"backbone": str(backbone), "head_hidden": 32},
-            "data": {
-                "data_dir": str(data_dir),
-                "max_train_examples": 128,
-                "max_eval_examples": 64,
-                "max_length": 48,
-            },
-            "train": {
-                "epochs": EVALS // 2,
-                "eval_every": 0.5,
-                "batch_size": 32,
-                "write_predictions": False,
-                "log_every": 2,
-            },
-        },
-        "parameters": {
-            "lr": {"path": "train.lr", "type": "categorical", "choices": [1e-3, 3e-3]},
-        },
-        "objective": {"metric": "overall"},
-        "search": {"sampler": "random", "num_samples": 4, "max_concurrent_trials": 2, **search},
-        "scheduler": {"type": "fifo"},
-        "resources_per_trial": {"cpu": 1},
-        "failure": {"max_retries": 2},
+    path = tiny_space(root, backbone, data_dir, name)
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["train"]["epochs"] = EVALS // 2
+    raw["parameters"] = {
+        "lr": {"path": "train.lr", "type": "categorical", "choices": [1e-3, 3e-3]},
     }
-    path = root / f"{name}.yaml"
+    raw["search"] = {"sampler": "random", "num_samples": 4, "max_concurrent_trials": 2, **search}
+    raw["scheduler"] = {"type": "fifo"}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
 def search_cli(space: Path, address: str) -> list[str]:
     return [sys.executable, "-m", "mtl.search", str(space), "--address", address]
-
-
-def result_rows(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            rows.append(json.loads(line))
-    return rows
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ tests can use it too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -127,10 +128,16 @@ def trial_dirs(exp: Path) -> list[Path]:
 
 
 def result_rows(trial_dir: Path) -> list[dict]:
+    """Tune's result.json of a trial, one dict per report (a line still being written is left
+    out, so this can poll a running trial)."""
     path = trial_dir / "result.json"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def study_of(space_path: Path) -> optuna.Study:
