@@ -366,18 +366,23 @@ def test_bert_needs_no_transformers(tmp_path: Path) -> None:
         "assert out.last_hidden_state.shape == (1, 3, 32)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = _fresh_python(code, str(tmp_path))
+    assert result.stdout.strip() == "ok"
+
+
+def _fresh_python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter (nothing imported yet); it must exit 0."""
     result = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)],
+        [sys.executable, "-c", code, *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    return result
 
 
 # --- backbones ------------------------------------------------------------------------------
@@ -416,17 +421,7 @@ def test_unknown_backbone_fails_clearly_in_a_fresh_interpreter() -> None:
         "except BackboneError as err:\n"
         "    print(err)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _fresh_python(code, HF_HUB_OFFLINE="1")
     assert re.search(UNKNOWN_BACKBONE_MESSAGE, result.stdout)
 
 

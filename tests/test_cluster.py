@@ -432,6 +432,18 @@ def search_cli(space: Path, address: str) -> list[str]:
     return [sys.executable, "-m", "mtl.search", str(space), "--address", address]
 
 
+def run_search(space: Path, cluster: LocalCluster) -> subprocess.CompletedProcess:
+    """``python -m mtl.search space --address`` the cluster, to its end."""
+    return subprocess.run(
+        search_cli(space, cluster.address),
+        cwd=space.parent,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture
 def cluster_of_two():
     """A head (no CPU) and two worker nodes with one CPU each."""
@@ -447,14 +459,7 @@ def test_search_runs_trials_on_both_worker_nodes_and_records_the_node(
 ):
     cluster = cluster_of_two
     space = multinode_space(tmp_path, tiny_backbone, real_data_dir, "two-nodes")
-    proc = subprocess.run(
-        search_cli(space, cluster.address),
-        cwd=tmp_path,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_search(space, cluster)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exp = tmp_path / "results" / "two-nodes"
     df = pd.read_csv(exp / "results.csv")
@@ -481,14 +486,7 @@ def test_a_storage_path_that_a_node_cannot_see_is_refused_before_any_trial(
         cluster.add_worker(num_cpus=1)
         # On this node the storage path is an empty tmpfs: a machine without the shared folder.
         blind = cluster.add_worker(num_cpus=1, hide=[storage])
-        proc = subprocess.run(
-            search_cli(space, cluster.address),
-            cwd=tmp_path,
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_search(space, cluster)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert f"{storage} is not reachable from node" in line

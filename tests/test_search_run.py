@@ -123,6 +123,19 @@ def run_cli(space: Path, *extra: str, timeout: float = 480) -> subprocess.Comple
     return proc
 
 
+def start_cli(space: Path, **popen) -> subprocess.Popen:
+    """``python -m mtl.search space`` in the background, its output in one text pipe."""
+    return subprocess.Popen(
+        _cli(space),
+        cwd=space.parent,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
 def trial_dirs(exp: Path) -> list[Path]:
     return sorted(p for p in exp.glob("run_trial_*") if p.is_dir())
 
@@ -346,14 +359,7 @@ def _slow_space(root: Path, backbone: Path, data_dir: Path, name: str, num_sampl
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, tiny_backbone, real_data_dir):
     space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "sigkill", num_samples=1)
     exp = tmp_path / "results" / "sigkill"
-    proc = subprocess.Popen(
-        _cli(space),
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(space)
     try:
 
         def second_report():
@@ -384,15 +390,7 @@ def test_killed_driver_then_resume_finishes_without_rerunning(
 ):
     space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "resume", num_samples=4)
     exp = tmp_path / "results" / "resume"
-    proc = subprocess.Popen(
-        _cli(space),
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # the driver and the Ray it started: killed together below
-    )
+    proc = start_cli(space, start_new_session=True)  # the driver and its Ray: killed together
     try:
 
         def two_done_and_third_running():
