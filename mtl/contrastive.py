@@ -22,8 +22,11 @@ Losses (pure functions of the embeddings, apart from the code that runs the enco
 Stage-1 encoders are cached in a folder that may be shared by every run of a search: a file
 ``<key>.safetensors`` whose key hashes the backbone (its config and weights), the stage-1 config,
 the Quora files' checksums and the seed, so runs that would train identical stage-1 encoders train
-it once. The file is written under a temporary name and renamed into place, so a run racing
-another for the same key never reads half a file. Stage 1 runs inside ``torch.random.fork_rng``:
+it once. A run that misses the cache takes a lock on the key (``<key>.lock`` beside it, through
+``filelock``; on a cluster the cache folder is the shared one) before training, and looks again
+once it holds it: trials that start together, such as the cells of an ablation grid, wait for the
+first one's stage 1 instead of each training its own. The file is written under a temporary name
+and renamed into place, so a reader never sees half a file. Stage 1 runs inside ``torch.random.fork_rng``:
 a cache hit and a fresh stage 1 leave stage 2 with the same random state.
 """
 
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -371,10 +375,51 @@ def run_stage1(
     key = cache_key(backbone_dir, c, data_dir, cfg.seed)
     cache_dir = Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir()
     path = cache_dir / f"{key}.safetensors"
-    if path.is_file():
-        log.info("stage 1: cache hit %s", path)
-        return Stage1Result(path, key, True, 0, frozenset(stage1_ids), read_record(path))
+    ids = frozenset(stage1_ids)
 
+    def hit() -> Stage1Result:
+        log.info("stage 1: cache hit %s", path)
+        return Stage1Result(path, key, True, 0, ids, read_record(path))
+
+    if path.is_file():
+        return hit()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(cache_dir / f"{key}.lock")
+    if not _try_acquire(lock):
+        log.info("stage 1: another run is training %s; waiting for it", path.name)
+        lock.acquire()
+    try:
+        if path.is_file():  # trained by the run that held the lock
+            return hit()
+        record = _train_and_cache(
+            cfg, backbone_dir, data_dir, quora, stage1_ids, path, device, autocast
+        )
+    finally:
+        lock.release()
+    log.info("stage 1: trained %d steps, cached %s", record["steps"], path)
+    return Stage1Result(path, key, False, record["steps"], ids, record)
+
+
+def _try_acquire(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _train_and_cache(
+    cfg: Config,
+    backbone_dir: Path,
+    data_dir: Path,
+    quora: data_lib.RawSplit,
+    stage1_ids: set[str],
+    path: Path,
+    device: torch.device | str,
+    autocast: Callable,
+) -> dict:
+    """Train stage 1 and write it to ``path``; returns its record."""
+    c = cfg.contrastive
     started = time.time()
     tokenizer = load_tokenizer(backbone_dir)
     train_raw = data_lib.subsample(_keep_ids(quora, stage1_ids), c.max_examples, cfg.seed)
@@ -391,7 +436,7 @@ def run_stage1(
             encoder, train_set, val_set, c, cfg.seed, torch.device(device), autocast
         )
     record.update(
-        key=key,
+        key=path.stem,
         backbone=cfg.model.backbone,
         config=c.model_dump(mode="json"),
         seed=cfg.seed,
@@ -400,8 +445,7 @@ def run_stage1(
         seconds=round(time.time() - started, 1),
     )
     save_atomic(path, state, record)
-    log.info("stage 1: trained %d steps, cached %s", record["steps"], path)
-    return Stage1Result(path, key, False, record["steps"], frozenset(stage1_ids), record)
+    return record
 
 
 def stage1_for_run(

@@ -6,6 +6,8 @@ import math
 import os
 import random
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,7 +136,7 @@ def test_second_run_with_the_same_key_hits_the_cache(
     cfg = _stage1_config(tiny_backbone, real_data_dir, cache)
     first = contrastive.run_stage1(cfg)
     assert not first.cache_hit and first.steps == 3  # 24 pairs in batches of 8, one epoch
-    assert sorted(p.name for p in cache.iterdir()) == [f"{first.key}.safetensors"]
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == [f"{first.key}.safetensors"]
     # The same weights under another path share the entry: the backbone enters by content.
     moved = shutil.copytree(tiny_backbone, tmp_path / "elsewhere")
     second = contrastive.run_stage1(_stage1_config(moved, real_data_dir, cache))
@@ -148,6 +150,36 @@ def test_second_run_with_the_same_key_hits_the_cache(
         _stage1_config(tiny_backbone, real_data_dir, cache, loss="infonce")
     )
     assert not other_loss.cache_hit and other_loss.key not in (first.key, reseeded.key)
+
+
+def test_runs_that_miss_the_cache_together_train_stage1_once(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained = []
+    real = contrastive.train_stage1
+
+    def slow_train(*args, **kwargs):  # long enough that the other run misses the cache too
+        trained.append(threading.get_ident())
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(contrastive, "train_stage1", slow_train)
+    cfg = _stage1_config(tiny_backbone, real_data_dir, tmp_path / "cache")
+    start = threading.Barrier(2)
+    results = []
+
+    def run() -> None:
+        start.wait()
+        results.append(contrastive.run_stage1(cfg))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(trained) == 1
+    assert sorted(r.cache_hit for r in results) == [False, True]
+    assert results[0].key == results[1].key and results[0].ids == results[1].ids
 
 
 def test_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
