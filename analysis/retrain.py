@@ -38,12 +38,9 @@ def retrain_space(space: DesignSpace, points: list[dict[str, Any]], name: str) -
         "sampler": "random",  # every trial is one of the points; nothing is sampled
         "num_samples": len(points),
         "points_to_evaluate": points,
-        **{
-            k: v
-            for k, v in raw.get("search", {}).items()
-            if k == "max_concurrent_trials" and v is not None
-        },
     }
+    if space.search.max_concurrent_trials is not None:
+        raw["search"]["max_concurrent_trials"] = space.search.max_concurrent_trials
     raw["scheduler"] = {"type": "fifo"}
     return raw
 

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -200,12 +201,9 @@ def mirror(run_dir: Path, work_dir: Path) -> None:
     staging = work_dir.parent / f".{work_dir.name}.mirror"
     staging.mkdir(exist_ok=True)
     try:
-        for src in _mirrored_files(run_dir):
-            dst = work_dir / src.relative_to(run_dir)
-            if src.name == "best.json" and src.parent.name == "best":
-                dst = work_dir / "best.json"
-            stat = src.stat()
-            if dst.is_file() and _same_file(stat, dst.stat()):
+        for src, name in _mirrored_files(run_dir):
+            dst = work_dir / name
+            if dst.is_file() and _same_file(src.stat(), dst.stat()):
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = staging / "file"
@@ -215,15 +213,18 @@ def mirror(run_dir: Path, work_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _mirrored_files(run_dir: Path) -> list[Path]:
+def _mirrored_files(run_dir: Path) -> list[tuple[Path, Path]]:
+    """(file, its path in the trial folder): everything but the weights, and best/best.json."""
     files = [
-        p for p in run_dir.rglob("*") if p.is_file() and p.parts[len(run_dir.parts)] not in _HEAVY
+        (p, p.relative_to(run_dir))
+        for p in run_dir.rglob("*")
+        if p.is_file() and p.parts[len(run_dir.parts)] not in _HEAVY
     ]
     best = run_dir / "best" / "best.json"
-    return [*files, best] if best.is_file() else files
+    return [*files, (best, Path("best.json"))] if best.is_file() else files
 
 
-def _same_file(a: Any, b: Any) -> bool:
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
