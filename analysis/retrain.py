@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from analysis.common import AnalysisError, load_experiment, out_dir, run_main, top_trial_ids
-from mtl.config import ConfigError, add_set_argument
-from mtl.search.space import DesignSpace, load_space
+from mtl.config import ConfigError, add_set_argument, merge, parse_overrides
+from mtl.search.space import DesignSpace, parse_space
 
 RETRAIN_FILE = "retrain.yaml"
 
@@ -72,20 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{exp.name}-retrain"
     raw = retrain_space(exp.space, points, name)
     path = Path(args.out) if args.out else out_dir(exp, None) / RETRAIN_FILE
+    try:  # the file as mtl.search will read it, overrides included, before anything is written
+        raw = merge(raw, parse_overrides(args.overrides))
+        space = parse_space(raw, f"{path} (with --set)" if args.overrides else str(path))
+    except ConfigError as err:
+        raise AnalysisError(str(err)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# The {len(ids)} best configurations of {exp.path} (trials {', '.join(ids)}), once each.\n"
         f"# Written by: {shlex.join(['python', '-m', 'analysis.retrain', *(argv or sys.argv[1:])])}\n"
     )
     path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    try:  # the file as mtl.search will read it, overrides included, or nothing is left behind
-        space = load_space(path, args.overrides)
-    except ConfigError as err:
-        path.unlink()
-        raise AnalysisError(str(err)) from None
-    if args.overrides:
-        raw = space.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
     storage = space.experiment.storage_path.rstrip("/")
     print(f"wrote {path}: trials {', '.join(ids)}")
     print(f"next: python -m mtl.search {shlex.quote(str(path))}")

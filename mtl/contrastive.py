@@ -26,8 +26,9 @@ it once. A run that misses the cache takes a lock on the key (``<key>.lock`` bes
 ``filelock``; on a cluster the cache folder is the shared one) before training, and looks again
 once it holds it: trials that start together, such as the cells of an ablation grid, wait for the
 first one's stage 1 instead of each training its own. The file is written under a temporary name
-and renamed into place, so a reader never sees half a file. Stage 1 runs inside ``torch.random.fork_rng``:
-a cache hit and a fresh stage 1 leave stage 2 with the same random state.
+and renamed into place, so a reader never sees half a file. Stage 1 runs inside
+``torch.random.fork_rng``: a cache hit and a fresh stage 1 leave stage 2 with the same random
+state.
 """
 
 from __future__ import annotations
