@@ -228,10 +228,18 @@ def eval_positions(plan_len: int, epoch: int, cfg: Config) -> list[int]:
     return sorted({math.ceil(j * plan_len / per_epoch) for j in range(1, per_epoch + 1)})
 
 
-def _optimizer_steps(plan_len: int, evals: list[int], accum: int) -> int:
-    """Optimizer steps in one epoch: gradients are flushed at each evaluation and the epoch's end."""
+def accumulation_windows(plan_len: int, evals: list[int], accum: int) -> list[int]:
+    """Batches in each optimizer step of one epoch, in order.
+
+    Gradients are accumulated over ``accum`` batches, but flushed at each evaluation and at the
+    epoch's end, so a window cut short there holds fewer batches; each step averages exactly the
+    batches its window holds. 13 batches, ``accum`` 4, evaluations after 7 and 13:
+    ``[4, 3, 4, 2]``.
+    """
     bounds = sorted({0, *evals, plan_len})
-    return sum(math.ceil((b - a) / accum) for a, b in itertools.pairwise(bounds))
+    return [
+        min(accum, b - start) for a, b in itertools.pairwise(bounds) for start in range(a, b, accum)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,12 +309,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
-    teacher: nn.Module | None = None,
+    regularizer: smart.Regularizer,
 ) -> None:
     """Write a resumable checkpoint atomically (temporary folder, then rename).
 
-    ``teacher`` is SMART's Bregman momentum copy of the model, when there is one.
+    ``regularizer`` contributes SMART's random state and its Bregman momentum copy of the
+    model, when there is one.
     """
+    teacher = regularizer.teacher.model if regularizer.teacher is not None else None
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -321,6 +331,7 @@ def save_checkpoint(
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy_rng": json.dumps(_numpy_state()),
             "python_rng": json.dumps(random.getstate()),
+            "smart": regularizer.state_dict(),
         },
         tmp / "trainer.pt",
     )
@@ -346,13 +357,14 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    teacher: nn.Module | None = None,
+    regularizer: smart.Regularizer,
 ) -> TrainState:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state."""
     model.load_state_dict(load_file(path / "model.safetensors"))
-    if teacher is not None:
-        teacher.load_state_dict(load_file(path / "teacher.safetensors"))
+    if regularizer.teacher is not None:
+        regularizer.teacher.model.load_state_dict(load_file(path / "teacher.safetensors"))
     extra = torch.load(path / "trainer.pt", weights_only=True)
+    regularizer.load_state_dict(extra["smart"])
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
@@ -461,7 +473,7 @@ def train(
     backbone_dir = resolve_backbone(cfg.model.backbone)
     if data is None:
         data = load_data(cfg)
-    stage1 = contrastive.stage1_for_run(cfg, run_dir, device, autocast)
+    stage1 = contrastive.stage1_for_run(cfg, run_dir, data, device, autocast)
     data = contrastive.exclude_stage1(data, stage1)  # a filtered copy; the shared data is intact
     (run_dir / "data_report.json").write_text(
         json.dumps(
@@ -486,7 +498,8 @@ def train(
     accum = cfg.train.grad_accum_steps
     plans_len = [len(epoch_plan(train_sets, cfg, e)) for e in range(cfg.train.epochs)]
     total_steps = sum(
-        _optimizer_steps(n, eval_positions(n, e, cfg), accum) for e, n in enumerate(plans_len)
+        len(accumulation_windows(n, eval_positions(n, e, cfg), accum))
+        for e, n in enumerate(plans_len)
     )
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -494,11 +507,10 @@ def train(
         optimizer, linear_schedule(total_steps, cfg.train.warmup_ratio)
     )
 
-    regularizer = smart.Regularizer(cfg.smart, model, total_steps)
-    teacher = regularizer.teacher.model if regularizer.teacher is not None else None
+    regularizer = smart.Regularizer(cfg.smart, model, total_steps, seed=cfg.seed)
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, teacher)
+        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, regularizer)
         log.info("resumed from %s at epoch %d, batch %d", resume_from, state.epoch, state.position)
 
     writer = _tensorboard(run_dir)
@@ -538,6 +550,8 @@ def train(
         while state.epoch < cfg.train.epochs and not stop:
             plan = epoch_plan(train_sets, cfg, state.epoch)
             evals = eval_positions(len(plan), state.epoch, cfg)
+            # The size of the window each batch belongs to: its loss is divided by it.
+            window = [n for n in accumulation_windows(len(plan), evals, accum) for _ in range(n)]
             model.train()
             for pos in range(state.position, len(plan)):
                 item = plan[pos]
@@ -551,13 +565,13 @@ def train(
                         f"training loss became {total.item()} at step {state.step} "
                         f"(epoch {state.epoch}, task {item.task})"
                     )
-                (total / accum).backward()
+                (total / window[pos]).backward()
                 meter.add(item.task, loss.item())
                 epoch_loss.add(item.task, loss.item())
                 pending += 1
                 state.position = pos + 1
                 at_eval = state.position in evals
-                if pending == accum or at_eval or state.position == len(plan):
+                if pending == window[pos]:
                     optimizer_step()
                 stop = cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
                 if at_eval or stop:
@@ -583,7 +597,7 @@ def train(
                     writer.flush()
                     if state.position == len(plan):
                         state.epoch, state.position = state.epoch + 1, 0
-                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, teacher)
+                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, regularizer)
                     (run_dir / "metrics.json").write_text(
                         json.dumps({"history": state.history, "best": state.best_metrics}, indent=2)
                     )
