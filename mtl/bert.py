@@ -350,6 +350,7 @@ class BertModel(nn.Module):
         token_type_ids: Tensor | None = None,
         *,
         inputs_embeds: Tensor | None = None,
+        embedding_output: Tensor | None = None,
         task: str | None = None,
     ) -> BertOutput:
         """Encodes a batch.
@@ -361,17 +362,23 @@ class BertModel(nn.Module):
             token_type_ids: (batch, seq) segment ids; None means all zeros.
             inputs_embeds: (batch, seq, hidden), used instead of the word-embedding lookup
                 (position and token-type embeddings are still added, as in Hugging Face).
+            embedding_output: (batch, seq, hidden), the embedding layer's output (after its
+                LayerNorm and dropout), used instead of computing it; what SMART perturbs.
             task: passed to every layer as ``task=``; plain layers ignore it, adapter
                 wrappers pick their task's parameters with it.
 
         Returns:
             The last layer's states and the pooled [CLS] vector.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embeddings.word_embeddings(input_ids)
-        hidden_states = self.embeddings(inputs_embeds, token_type_ids)
+        given = [x is not None for x in (input_ids, inputs_embeds, embedding_output)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of input_ids, inputs_embeds and embedding_output")
+        if embedding_output is not None:
+            hidden_states = embedding_output
+        else:
+            if inputs_embeds is None:
+                inputs_embeds = self.embeddings.word_embeddings(input_ids)
+            hidden_states = self.embeddings(inputs_embeds, token_type_ids)
         attn_mask = _attention_mask(attention_mask)
         hidden_states = self.encoder(hidden_states, attn_mask, task=task)
         return BertOutput(last_hidden_state=hidden_states, pooler_output=self.pooler(hidden_states))

@@ -91,11 +91,16 @@ class MultitaskBert(nn.Module):
             }
         )
 
-    def word_embeddings(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Input word embeddings of the batch (second sentence too in design 1): what SMART perturbs."""
-        table = self.encoder.embeddings.word_embeddings
-        second = table(batch.input_ids_b) if batch.input_ids_b is not None else None
-        return table(batch.input_ids), second
+    def embedding_output(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedding layer's output (after its LayerNorm and dropout), (batch, seq, hidden)
+        per sentence (the second too in design 1): what SMART perturbs."""
+        embeddings = self.encoder.embeddings
+
+        def run(ids: torch.Tensor, token_types: torch.Tensor | None) -> torch.Tensor:
+            return embeddings(embeddings.word_embeddings(ids), token_types)
+
+        second = run(batch.input_ids_b, None) if batch.input_ids_b is not None else None
+        return run(batch.input_ids, batch.token_type_ids), second
 
     def encode(
         self,
@@ -103,14 +108,14 @@ class MultitaskBert(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None,
         task: str,
-        inputs_embeds: torch.Tensor | None = None,
+        embedding_output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pooled embedding (batch, hidden) of one encoder pass."""
         out = self.encoder(
-            None if inputs_embeds is not None else input_ids,
+            None if embedding_output is not None else input_ids,
             attention_mask,
             token_type_ids,
-            inputs_embeds=inputs_embeds,
+            embedding_output=embedding_output,
             task=task,
         )
         return pool(out.last_hidden_state, attention_mask, self.pooling)
@@ -118,16 +123,17 @@ class MultitaskBert(nn.Module):
     def forward(
         self,
         batch: Batch,
-        embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        embedding_output: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> TaskOutput:
         """Run the encoder and the batch's task head.
 
         Args:
             batch: one task's padded batch.
-            embeds: optional replacement word embeddings (first, second sentence), e.g. perturbed.
+            embedding_output: optional replacement for the embedding layer's output (first,
+                second sentence), (batch, seq, hidden) each, e.g. perturbed by SMART.
         """
         task = batch.task
-        emb_a, emb_b = embeds if embeds is not None else (None, None)
+        emb_a, emb_b = embedding_output if embedding_output is not None else (None, None)
         if batch.input_ids_b is None:
             u = self.encode(
                 batch.input_ids, batch.attention_mask, batch.token_type_ids, task, emb_a

@@ -146,7 +146,7 @@ def test_inputs_embeds_equals_input_ids() -> None:
 )
 def test_exactly_one_input_is_required(input_ids, inputs_embeds) -> None:
     model = BertModel(BertConfig(**TINY))
-    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+    with pytest.raises(ValueError, match="exactly one of input_ids, inputs_embeds"):
         model(input_ids, inputs_embeds=inputs_embeds)
 
 
