@@ -2,7 +2,8 @@
 
 ``python -m analysis.report EXP [--data-dir DIR] [--out DIR] [--space FILE]``
 
-Regenerates the tables (:mod:`analysis.tables`) and the importance plots
+Regenerates the tables (:mod:`analysis.tables`, with their paired comparisons and the best trial
+against the next ones) and the importance plots
 (:mod:`analysis.importance`), includes the ensemble's Table 6 when ``python -m analysis.ensemble``
 has run (it is not run here: it loads models), and draws from the dev predictions (the ensemble's,
 else the best trial's own ``predictions/``) the paper's Figure 4 (SST labels predicted against
@@ -227,6 +228,15 @@ def _top_trials(exp: Experiment, k: int = 5) -> str:
     return markdown_table(pd.DataFrame(rows)) if rows else "No trial reached an evaluation.\n"
 
 
+def _table_section(md: Path, written: list[Path], folder: Path) -> list[str]:
+    """A table's Markdown (links re-rooted at the report) and every file written with it."""
+    text = md.read_text()
+    related = [p for p in written if p.stem == md.stem or p.stem.startswith(md.stem + "_")]
+    prefix = md.parent.relative_to(folder).as_posix()
+    files = ", ".join(_link(p, folder) for p in related if p.suffix != ".png")
+    return [rebase_links(text, prefix), "Files: " + files, ""]
+
+
 def _commands(exp: Experiment, folder: Path) -> list[str]:
     space = str(exp.space_file) if exp.space_file is not None else "DESIGN_SPACE.yaml"
     smoke = " --smoke" if exp.name.endswith("-smoke") else ""
@@ -280,12 +290,14 @@ def run(exp: Experiment, out: str | None = None, data_dir: str | None = None) ->
         "## Best trials",
         "",
         _top_trials(exp),
-        "## Tables",
-        "",
     ]
-    for md in [p for p in table_files if p.suffix == ".md"]:
-        siblings = [md.with_suffix(s) for s in (".md", ".tex", ".csv")]
-        lines += [md.read_text(), "Files: " + ", ".join(_link(p, folder) for p in siblings), ""]
+    mds = [p for p in table_files if p.suffix == ".md"]
+    top = [p for p in mds if p.stem == "top_trials"]
+    for md in top:  # is the best a tie with the next ones?
+        lines += _table_section(md, table_files, folder)
+    lines += ["## Tables", ""]
+    for md in [p for p in mds if p not in top]:
+        lines += _table_section(md, table_files, folder)
 
     lines += ["## Parameter importance", ""]
     if imp_error:
