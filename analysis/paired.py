@@ -46,8 +46,12 @@ from mtl.train import DEV_PREDICTIONS_FILE
 TASKS: tuple[str, ...] = tuple(METRIC_NAMES)  # sst, para, sts
 CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 9999
-_BATCH = 250  # resamples scored at once: bounds memory at (seed pairs, batch, examples)
+BATCH = 250  # bootstrap resamples scored at once (memory: batch x examples counts)
+# Permutations scored at once: scipy's paired ("samples") test loops in Python over the examples
+# once per batch, so large batches matter (memory: batch x examples swap indicators).
+PERMUTATION_BATCH = 2000
 _TOLERANCE = 1e-12  # an interval end this close to 0 counts as 0
+_CONSTANT = 1e-12  # a variance this small relative to the mean square: a constant side
 MIN_SHARED = 10  # fewer dev examples in common (per task and seed pair): not compared
 
 
@@ -154,56 +158,58 @@ def align(pairs: Sequence[tuple[pd.DataFrame, pd.DataFrame]], source: str) -> li
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics on resampled or swapped predictions
+# Metrics from per-example sums
+#
+# Each metric is a function of a few sums over examples (accuracy: the count and the correct
+# count; Pearson: the count and the sums of x, x^2, xy, y, y^2). A bootstrap resample weighs each
+# example by how often it was drawn, and a permutation swaps A and B on some examples, which
+# (predictions being 0/1-selected) is linear in the swap indicator too: so every resample and
+# every permutation is one matrix product, (batch, n) @ (n, features), instead of a gather of
+# (pairs, batch, n) predictions.
 
 
-def task_scores(task: str, pred: np.ndarray, gold: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """A task's dev metric over the last axis, for any leading (seed pair, resample) axes.
+def features(
+    task: str, pred: np.ndarray, gold: np.ndarray, weight: np.ndarray, center: np.ndarray
+) -> np.ndarray:
+    """(pairs, n, F) per-example terms whose sums give the task's metric (:func:`from_sums`).
 
     Args:
-        task: sst, para (accuracy) or sts (Pearson correlation).
-        pred: (..., n) predictions.
-        gold: (..., n) gold labels (broadcast against ``pred``).
-        weight: (..., n) how often each position counts (a 0/1 mask: counts are bootstrap
-            multiplicities already expanded into positions).
-
-    Returns:
-        (...) the metric; Pearson is 0 where either side is constant, as :func:`mtl.heads.pearson`.
+        pred: (pairs, n) predictions; gold: (n,) labels; weight: (pairs, n) 1 where the example
+            counts; center: (pairs, 1) subtracted from STS predictions (the same for both sides,
+            so that swapping predictions swaps their terms) for better-conditioned sums.
     """
-    gold = np.broadcast_to(gold, pred.shape)
-    total = weight.sum(-1)
     if task != "sts":
-        return (weight * (pred == gold)).sum(-1) / total
-    mp = (weight * pred).sum(-1, keepdims=True) / total[..., None]
-    mg = (weight * gold).sum(-1, keepdims=True) / total[..., None]
-    dp, dg = pred - mp, gold - mg
-    cov = (weight * dp * dg).sum(-1)
-    var = (weight * dp * dp).sum(-1) * (weight * dg * dg).sum(-1)
-    constant = _constant(pred, weight) | _constant(gold, weight)
+        return np.stack([weight, weight * (pred == gold)], axis=-1)
+    x = pred - center
+    y = np.broadcast_to(gold - gold.mean(), x.shape)
+    terms = [weight, weight * x, weight * x * x, weight * x * y, weight * y, weight * y * y]
+    return np.stack(terms, axis=-1)
+
+
+def from_sums(task: str, sums: np.ndarray) -> np.ndarray:
+    """The metric from (..., F) sums of :func:`features`: accuracy, or Pearson's r (0 where
+    either side is constant, as :func:`mtl.heads.pearson`)."""
+    n = sums[..., 0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = cov / np.sqrt(var)
-    return np.where(constant, 0.0, r)
+        if task != "sts":
+            return sums[..., 1] / n
+        mx, my = sums[..., 1] / n, sums[..., 4] / n
+        sxx, syy = sums[..., 2] / n, sums[..., 5] / n
+        vx, vy = sxx - mx * mx, syy - my * my
+        r = (sums[..., 3] / n - mx * my) / np.sqrt(vx * vy)
+    constant = (vx <= _CONSTANT * sxx) | (vy <= _CONSTANT * syy)
+    return np.where(constant, 0.0, np.clip(r, -1.0, 1.0))
 
 
-def _constant(values: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    seen = weight > 0
-    return np.where(seen, values, np.inf).min(-1) == np.where(seen, values, -np.inf).max(-1)
-
-
-def _difference(
-    tasks: list[TaskPairs], metric: str, view: Callable[[int, TaskPairs], tuple]
-) -> np.ndarray:
-    """Mean over seed pairs of ``metric(B) - metric(A)``.
-
-    ``view(i, task)`` gives task ``i``'s (a, b, gold, weight), each (pairs, ..., n), as one
-    resample or permutation sees them; the result has the shape of those leading ``...`` axes.
-    """
+def _difference(tasks: list[TaskPairs], metric: str, sums: Callable[[int], tuple]) -> np.ndarray:
+    """Mean over seed pairs of ``metric(B) - metric(A)``; ``sums(i)`` gives task ``i``'s (A's,
+    B's) sums, each (pairs, ..., F), as one resample or permutation sees them."""
     parts = []
     for i, tp in enumerate(tasks):
         if metric not in ("overall", METRIC_NAMES[tp.task]):
             continue
-        a, b, gold, weight = view(i, tp)
-        diff = task_scores(tp.task, b, gold, weight) - task_scores(tp.task, a, gold, weight)
+        sa, sb = sums(i)
+        diff = from_sums(tp.task, sb) - from_sums(tp.task, sa)  # (pairs, ...)
         if metric == "overall" and tp.task == "sts":
             diff = diff / 2.0  # the overall score counts (Pearson + 1) / 2
         parts.append(diff.mean(0))  # over seed pairs
@@ -247,8 +253,8 @@ def compare(
         pairs: (A, B) dev prediction frames (:func:`read_dev_predictions`), one per seed pair.
         source: what is compared, for error messages.
         resamples: bootstrap resamples and permutations (scipy's default 9999).
-        seed: seeds both (a fresh ``numpy.random.default_rng(seed)`` per call, so every metric's
-            interval uses the same resampled examples).
+        seed: seeds both tests (``numpy.random.default_rng(seed)``); every metric is computed
+            from the same resampled examples and the same permutations.
 
     Returns:
         One :class:`Comparison` per metric of ``METRICS`` present (per task, then overall), and
@@ -271,52 +277,79 @@ def compare(
     offsets = np.cumsum([0] + [tp.n for tp in tasks])
     total = int(offsets[-1])
 
-    def resampled(i: int, tp: TaskPairs, idx: np.ndarray) -> tuple:
-        # idx: (..., n) resampled positions; the result: (pairs, ..., n)
-        return tp.a[:, idx], tp.b[:, idx], tp.gold[idx], tp.both[:, idx].astype(float)
+    weight = [tp.both.astype(float) for tp in tasks]
+    center = [(tp.a + tp.b).mean(1, keepdims=True) / 2 for tp in tasks]
+    xa, xb = (
+        [
+            features(tp.task, getattr(tp, side), tp.gold, w, c)
+            for tp, w, c in zip(tasks, weight, center, strict=True)
+        ]
+        for side in ("a", "b")
+    )
 
-    def swapped(i: int, tp: TaskPairs, x: np.ndarray) -> tuple:
+    def resampled(i: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # idx: (..., n) drawn positions -> counts: (..., n) draws of each example
+        n = tasks[i].n
+        rows = idx.reshape(-1, n)
+        flat = (np.arange(len(rows))[:, None] * n + rows).ravel()
+        counts = np.bincount(flat, minlength=rows.size).reshape(idx.shape).astype(float)
+        # (pairs, n, F) summed with the counts: (pairs, ..., F)
+        return tuple(np.einsum("...n,knf->k...f", counts, x[i]) for x in (xa, xb))
+
+    def swapped(i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # x: (..., total) codes; a code >= total means this example's A and B trade places
-        swap = x[..., offsets[i] : offsets[i + 1]] >= total  # (..., n)
-        a, b, both = tp.a, tp.b, tp.both  # (pairs, n)
-        if swap.ndim == 2:  # a batch of permutations: (pairs, batch, n)
-            a, b, both = a[:, None], b[:, None], both[:, None]
-        a2, b2 = np.where(swap, b, a), np.where(swap, a, b)
-        return a2, b2, tp.gold, np.broadcast_to(both, a2.shape).astype(float)
+        swap = (x[..., offsets[i] : offsets[i + 1]] >= total).astype(float)  # (..., n)
+        # Swapping is linear in the indicator: A' = A + swap (B - A), B' = B - swap (B - A).
+        delta = np.einsum("...n,knf->k...f", swap, xb[i] - xa[i])
+        base_a, base_b = xa[i].sum(1), xb[i].sum(1)  # (pairs, F)
+        extra = (slice(None),) + (None,) * (swap.ndim - 1)
+        return base_a[extra] + delta, base_b[extra] - delta
 
-    out = []
-    for metric in [m for m in METRICS if m == "overall" or _has(tasks, m)]:
+    metrics = [m for m in METRICS if m == "overall" or _has(tasks, m)]
 
-        def boot_stat(*idx: np.ndarray, axis: int = -1, metric: str = metric) -> np.ndarray:
-            return _difference(tasks, metric, lambda i, tp: resampled(i, tp, idx[i]))
+    def differences(sums: Callable[[int], tuple], axis: int) -> np.ndarray:
+        return np.stack([_difference(tasks, m, sums) for m in metrics], axis=axis)
 
-        def perm_stat(x: np.ndarray, y: np.ndarray, axis: int = -1, metric=metric) -> np.ndarray:
-            return _difference(tasks, metric, lambda i, tp: swapped(i, tp, x))
+    # All metrics in one call of each test, from the same resamples and permutations: the
+    # bootstrap stacks a vector statistic first, (metrics, batch); the permutation test
+    # concatenates batches along the first axis, so there it is (batch, metrics).
+    def boot_stat(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        return differences(lambda i: resampled(i, idx[i]), axis=0)
 
-        observed = float(boot_stat(*samples))
-        boot = stats.bootstrap(
-            samples,
-            boot_stat,
-            n_resamples=resamples,
-            batch=_BATCH,
-            vectorized=True,
-            paired=False,  # each task's examples are drawn on their own; both sides share them
-            confidence_level=CONFIDENCE,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-        perm = stats.permutation_test(
-            (np.arange(total), np.arange(total) + total),
-            perm_stat,
-            permutation_type="samples",
-            n_resamples=resamples,
-            batch=_BATCH,
-            vectorized=True,
-            alternative="two-sided",
-            rng=np.random.default_rng(seed),
-        )
-        ci = boot.confidence_interval
-        out.append(Comparison(metric, observed, float(ci.low), float(ci.high), float(perm.pvalue)))
+    def perm_stat(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return differences(lambda i: swapped(i, x), axis=-1)
+
+    observed = boot_stat(*samples)
+    boot = stats.bootstrap(
+        samples,
+        boot_stat,
+        n_resamples=resamples,
+        batch=BATCH,
+        vectorized=True,
+        paired=False,  # each task's examples are drawn on their own; both sides share them
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    perm = stats.permutation_test(
+        (np.arange(total), np.arange(total) + total),
+        perm_stat,
+        permutation_type="samples",
+        n_resamples=resamples,
+        batch=PERMUTATION_BATCH,
+        vectorized=True,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
+    )
+    low, high = (
+        np.atleast_1d(boot.confidence_interval.low),
+        np.atleast_1d(boot.confidence_interval.high),
+    )
+    pvalue = np.atleast_1d(perm.pvalue)
+    out = [
+        Comparison(m, float(observed[k]), float(low[k]), float(high[k]), float(pvalue[k]))
+        for k, m in enumerate(metrics)
+    ]
     return out, {tp.task: int(tp.both.any(0).sum()) for tp in tasks}
 
 
