@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import importance as importance_lib
+from analysis import paired
 from analysis import tables as tables_lib
 from analysis.common import (
     COLUMN_NAMES,
@@ -253,10 +254,15 @@ def _commands(exp: Experiment, folder: Path) -> list[str]:
     return lines
 
 
-def run(exp: Experiment, out: str | None = None, data_dir: str | None = None) -> Path:
+def run(
+    exp: Experiment,
+    out: str | None = None,
+    data_dir: str | None = None,
+    resamples: int = paired.DEFAULT_RESAMPLES,
+) -> Path:
     """Regenerate tables and importance, draw the prediction plots, write report.md."""
     folder = out_dir(exp, out)
-    table_files = tables_lib.run(exp, out)
+    table_files = tables_lib.run(exp, out, resamples=resamples)
     try:
         imp_files, warnings = importance_lib.run(exp, out)
         imp_error = ""
@@ -394,11 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="output folder (default EXP/analysis)")
     parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=paired.DEFAULT_RESAMPLES,
+        help="bootstrap resamples and permutations of each paired comparison (default 9999)",
+    )
     args = parser.parse_args(argv)
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise AnalysisError(f"--data-dir {args.data_dir}: no such folder")
+    if args.resamples < 100:
+        raise AnalysisError(f"--resamples {args.resamples}: give at least 100")
     exp = load_experiment(args.exp, args.space)
-    report = run(exp, args.out, args.data_dir)
+    report = run(exp, args.out, args.data_dir, args.resamples)
     print(f"wrote {report}")
     return 0
 
