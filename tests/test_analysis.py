@@ -22,7 +22,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from analysis import ensemble, importance, paired, report, retrain, tables
-from analysis.common import METRICS, load_experiment, read_predictions, run_main
+from analysis.common import METRICS, AnalysisError, load_experiment, read_predictions, run_main
 from mtl import data as data_lib
 from mtl.search.space import grid_points, load_space
 from tests.conftest import REPO
@@ -785,6 +785,7 @@ def _no_results(tmp_path: Path) -> str:
             "--rung 9: above the 4 evaluations",
         ),
         (report.main, lambda e, t: [str(e), "--data-dir", str(t / "nodata")], "--data-dir"),
+        (tables.main, lambda e, t: [str(e), "--resamples", "5"], "--resamples 5: give at least"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(
@@ -794,6 +795,21 @@ def test_bad_input_is_one_line_and_status_2(
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("task,id,prediction\nsst,a,1\n", "missing columns gold"),
+        ("task,id,prediction,gold\nmnli,a,1,1\n", "unknown task 'mnli'"),
+        ("", "unreadable (EmptyDataError)"),
+    ],
+)
+def test_a_bad_dev_predictions_file_is_named(tmp_path, text, message):
+    path = tmp_path / "dev_predictions.csv"
+    path.write_text(text)
+    with pytest.raises(AnalysisError, match=re.escape(f"{path}: {message}")):
+        paired.read_dev_predictions(path)
 
 
 def test_the_command_line_prints_no_traceback(tmp_path):
