@@ -20,6 +20,8 @@ called after every dev evaluation.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import itertools
 import json
 import logging
@@ -64,6 +66,8 @@ PREDICTION_HEADERS = {
     "para": "Predicted_Is_Paraphrase",
     "sts": "Predicted_Similiary",  # sic: the CS224N grader's spelling
 }
+# The run folder's dev predictions and gold labels at the best evaluation so far.
+DEV_PREDICTIONS_FILE = "dev_predictions.csv"
 
 
 class Reporter(Protocol):
@@ -284,6 +288,28 @@ def write_predictions(path: Path, task: str, ids: list[str], preds: np.ndarray) 
         value = f"{p:.6f}" if task == "sts" else str(int(p))
         lines.append(f"{i} , {value} \n")
     path.write_text("".join(lines))
+
+
+def write_dev_predictions(
+    path: Path, dev: dict[str, data_lib.Encoded], preds: dict[str, np.ndarray]
+) -> None:
+    """Every dev prediction beside its gold label: a CSV ``task,id,prediction,gold``.
+
+    Written at each new best evaluation (so also for trials a scheduler stops), whatever
+    ``train.write_predictions`` says: :mod:`analysis.paired` compares trials on these rows
+    without reloading a model. Floats are written exactly (``repr``); the file is replaced
+    atomically.
+    """
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["task", "id", "prediction", "gold"])
+    for task, enc in dev.items():
+        cast = float if task == "sts" else int
+        for row in zip(enc.ids, preds[task].tolist(), enc.labels.tolist(), strict=True):
+            out.writerow([task, row[0], repr(cast(row[1])), repr(cast(row[2]))])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +602,7 @@ def train(
                 stop = cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
                 if at_eval or stop:
                     model.eval()
-                    metrics, _ = evaluate(model, dev_sets, eval_bs, device, autocast)
+                    metrics, preds = evaluate(model, dev_sets, eval_bs, device, autocast)
                     model.train()
                     state.evaluation += 1
                     metrics.update(
@@ -589,6 +615,7 @@ def train(
                     if metrics[sel] > state.best:
                         state.best, state.best_metrics = metrics[sel], dict(metrics)
                         _save_best(best_dir, model, cfg, metrics)
+                        write_dev_predictions(run_dir / DEV_PREDICTIONS_FILE, dev_sets, preds)
                     metrics[f"best_{sel}"] = state.best
                     state.history.append(metrics)
                     for key in (*METRIC_NAMES.values(), "overall"):

@@ -6,12 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from mtl import data as data_lib
 from mtl.config import Config, build_config
-from mtl.train import epoch_plan, eval_positions, load_data, train
+from mtl.train import DEV_PREDICTIONS_FILE, epoch_plan, eval_positions, load_data, train
 
 
 def tiny_config(backbone: Path, data_dir: Path, out: Path, **sections: dict) -> Config:
@@ -139,6 +141,37 @@ def test_run_folder_predictions_and_tensorboard(
     assert {"train/loss_sst", "train/loss_para", "train/loss_sts", "train/lr"} <= set(
         events.Tags()["scalars"]
     )
+
+
+def test_dev_predictions_are_kept_at_the_best_evaluation(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
+) -> None:
+    """Without write_predictions, the run folder still holds the best evaluation's dev
+    predictions and gold labels, from which its recorded dev metrics follow exactly."""
+    cfg = tiny_config(
+        tiny_backbone,
+        real_data_dir,
+        tmp_path / "run",
+        train={"epochs": 2, "eval_every": 0.5, "lr": 3e-3, "write_predictions": False},
+    )
+    path = tmp_path / "run" / DEV_PREDICTIONS_FILE
+    snapshots = []
+    metrics = train(cfg, lambda m, c: snapshots.append((m, path.read_text())))
+    assert not (tmp_path / "run" / "predictions").exists()
+    best = next(text for m, text in snapshots if m["evaluation"] == metrics["best_evaluation"])
+    assert path.read_text() == best  # rewritten only when the evaluation improved
+    frame = pd.read_csv(path, dtype={"id": str})
+    scores = {}
+    for task in ("sst", "para", "sts"):
+        rows = frame[frame["task"] == task]
+        raw = data_lib.subsample(data_lib.read_split(real_data_dir, task, "dev"), 16, cfg.seed)
+        assert list(rows["id"]) == raw.ids and list(rows["gold"]) == pytest.approx(raw.labels)
+        if task == "sts":
+            scores[task] = scipy.stats.pearsonr(rows["prediction"], rows["gold"]).statistic
+        else:
+            scores[task] = (rows["prediction"] == rows["gold"]).mean()
+    assert scores["sst"] == metrics["sst_acc"] and scores["para"] == metrics["para_acc"]
+    assert scores["sts"] == pytest.approx(metrics["sts_pearson"], abs=1e-12)
 
 
 def test_resume_mid_epoch_reproduces_uninterrupted_run(
