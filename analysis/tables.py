@@ -61,7 +61,8 @@ def configuration(cfg: dict[str, Any]) -> dict[str, Any]:
         "routine": full["train"]["routine"],
         "smart": bool(full["smart"]["enabled"]),
         "pal": full["pal"]["variant"],
-        "contrastive": bool(full["contrastive"]["enabled"]),
+        # False, or the stage-1 loss: margin (the paper's) or infonce.
+        "contrastive": full["contrastive"]["loss"] if full["contrastive"]["enabled"] else False,
         "backbone": Path(str(full["model"]["backbone"])).name,
     }
 
@@ -75,7 +76,9 @@ def label(conf: dict[str, Any], backbone: bool = False) -> str:
         parts.append("PAL")
     elif conf["pal"] == "standard":
         parts.append("PAL (standard)")
-    if conf["contrastive"]:
+    if conf["contrastive"] == "infonce":
+        parts.append("SimCSE (InfoNCE)")
+    elif conf["contrastive"]:
         parts.append("SimCSE")
     if conf["smart"]:
         parts.append("SMART")
@@ -201,8 +204,8 @@ PAPER_TABLES: tuple[PaperTable, ...] = (
     _designs_table(
         5,
         "Performance Across Configurations (Classifier Designs and SimCSE)",
-        {"mode": "finetune", "smart": False, "pal": "none", "contrastive": True},
-        {"contrastive": True},
+        {"mode": "finetune", "smart": False, "pal": "none", "contrastive": "margin"},
+        {"contrastive": "margin"},
         [
             "design 1 + SimCSE",
             "design 1 + RR + SimCSE",
@@ -379,7 +382,7 @@ ORDER: dict[str, list[Any]] = {
     "routine": ["sequential", "round_robin"],
     "smart": [False, True],
     "pal": ["none", "paper", "standard"],
-    "contrastive": [False, True],
+    "contrastive": [False, "margin", "infonce"],
 }
 SIGNIFICANT_MARK = "*"
 

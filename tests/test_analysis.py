@@ -822,3 +822,24 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
+
+
+def test_the_two_stage1_losses_are_rows_of_their_own():
+    """Table 5's grid runs both losses: never averaged together, each compared with stage 1 off."""
+    base = {"model": {"design": 2}, "train": {"routine": "round_robin"}}
+    confs = [
+        tables.configuration(base),
+        tables.configuration({**base, "contrastive": {"enabled": True}}),
+        tables.configuration({**base, "contrastive": {"enabled": True, "loss": "infonce"}}),
+    ]
+    assert [c["contrastive"] for c in confs] == [False, "margin", "infonce"]
+    assert [tables.label(c) for c in confs] == [
+        "design 2 + RR",
+        "design 2 + RR + SimCSE",
+        "design 2 + RR + SimCSE (InfoNCE)",
+    ]
+    assert tables.one_choice_pairs(confs) == [
+        (0, 1, "contrastive"),
+        (0, 2, "contrastive"),
+        (1, 2, "contrastive"),
+    ]
