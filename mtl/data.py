@@ -759,6 +759,8 @@ class TaskData:
         test: Task -> encoded test split, only for tasks whose test file exists.
         reports: One :class:`SkipReport` per file read.
         missing: Names of absent test files, e.g. ``quora-test-student.csv``.
+        test_rows: Task -> rows of its test file, before any subsample: fewer in
+            :attr:`test` means its test predictions are not a whole submission.
     """
 
     train: dict[str, Encoded]
@@ -766,6 +768,7 @@ class TaskData:
     test: dict[str, Encoded]
     reports: list[SkipReport]
     missing: list[str]
+    test_rows: dict[str, int] = field(default_factory=dict)
 
 
 def load_task_data(
@@ -816,6 +819,8 @@ def load_task_data(
                     logger.info("%s: held out %d training examples", task, before - len(raw))
                 raw = subsample(raw, cfg.max_train_examples, seed)
             else:
+                if split == "test":
+                    data.test_rows[task] = len(raw)
                 raw = subsample(raw, cfg.max_eval_examples, seed)
             target = {"train": data.train, "dev": data.dev, "test": data.test}[split]
             target[task] = encode(raw, tokenizer, cfg.max_length, design)
