@@ -395,24 +395,26 @@ def check_state_dict(
     with torch.device("meta"):
         expected = BertModel(config).state_dict()
     state_dict = convert_hf_state_dict(state_dict)
-    missing = [k for k in expected if k not in state_dict]
-    keep_pooler = all(k in missing for k in _POOLER_KEYS)
+    keep_pooler = not any(k in state_dict for k in _POOLER_KEYS)
     if keep_pooler:
-        missing = [k for k in missing if k not in _POOLER_KEYS]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    problems = (
-        [f"missing key {k}" for k in missing]
-        + [f"unexpected key {k}" for k in unexpected]
-        + [f"shape mismatch {m}" for m in mismatched]
-    )
+        expected = {k: v for k, v in expected.items() if k not in _POOLER_KEYS}
+    problems = key_problems(expected, state_dict)
     if problems:
         raise CheckpointError(f"{source} does not fit BertModel: " + "; ".join(problems))
     return keep_pooler
+
+
+def key_problems(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> list[str]:
+    """Each missing key, each unexpected key and each shape mismatch of ``given``, in words."""
+    return (
+        [f"missing key {k}" for k in expected if k not in given]
+        + [f"unexpected key {k}" for k in given if k not in expected]
+        + [
+            f"shape mismatch {k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in given.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+    )
 
 
 class BertModel(nn.Module):
@@ -569,6 +571,7 @@ __all__ = [
     "CheckpointError",
     "check_state_dict",
     "convert_hf_state_dict",
+    "key_problems",
     "read_checkpoint",
     "weights_file",
 ]

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,7 +47,7 @@ from mtl import contrastive, smart
 from mtl import data as data_lib
 from mtl import pal as pal_lib
 from mtl.backbones import Backbone, load_backbone
-from mtl.bert import BertModel
+from mtl.bert import BertModel, CheckpointError, key_problems
 from mtl.config import Config
 from mtl.heads import (
     METRIC_NAMES,
@@ -351,6 +352,22 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
+def _load_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from None
+    problems = key_problems(model.state_dict(), state)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{path} does not fit this run's model (was it written with another config?): "
+            + "; ".join(problems[:3])
+            + more
+        )
+    model.load_state_dict(state)
+
+
 def _numpy_state() -> list[Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
@@ -363,10 +380,15 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     teacher: nn.Module | None = None,
 ) -> TrainState:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state."""
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state.
+
+    Raises:
+        CheckpointError: a weights file is unreadable or does not fit this run's model (one
+            line naming the file and the first keys).
+    """
+    _load_weights(model, path / "model.safetensors")
     if teacher is not None:
-        teacher.load_state_dict(load_file(path / "teacher.safetensors"))
+        _load_weights(teacher, path / "teacher.safetensors")
     extra = torch.load(path / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
@@ -731,7 +753,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from mtl.backbones import BackboneError
-    from mtl.bert import CheckpointError
     from mtl.config import ConfigError, add_set_argument, load_config
 
     parser = argparse.ArgumentParser(prog="python -m mtl.train", description=__doc__.split("\n")[0])

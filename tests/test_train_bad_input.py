@@ -15,6 +15,7 @@ import pytest
 
 from mtl import data as data_lib
 from mtl.train import main, train
+from tests.test_backbones import LFS_POINTER
 from tests.test_train import tiny_config
 
 
@@ -117,3 +118,28 @@ def test_undefined_sts_pearson_is_null_warned_and_selection_still_works(
     sst_rows = len(data_lib.read_split(real_data_dir, "sst", "test"))
     assert f"sst-test-output.csv: 1 of {sst_rows} test ids" in missing
     assert "Test predictions for a subsample only (data.max_eval_examples):" in missing
+
+
+def test_resume_from_another_configs_checkpoint_is_one_line(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = tiny_config(tiny_backbone, real_data_dir, tmp_path / "first", train={"max_steps": 1})
+    train(cfg)
+    ckpt = tmp_path / "first" / "checkpoint"
+    argv = ["--set", f"model.backbone={tiny_backbone}", "--set", f"data.data_dir={real_data_dir}"]
+    argv += ["--set", "data.max_train_examples=8", "--set", "model.head_hidden=8"]
+    rc = main([*argv, "--resume", str(ckpt), "--output-dir", str(tmp_path / "second")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(
+        f"error: {ckpt / 'model.safetensors'} does not fit this run's model (was it written with "
+        "another config?): shape mismatch heads."
+    )
+    assert err[0].endswith("more")
+    (ckpt / "model.safetensors").write_text(LFS_POINTER)
+    rc = main([*argv, "--resume", str(ckpt), "--output-dir", str(tmp_path / "third")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        f"error: {ckpt / 'model.safetensors'}: cannot be read (Error while deserializing header: "
+        "header too large)"
+    ]
