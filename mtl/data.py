@@ -1,9 +1,12 @@
 """Readers, validation, download, tokenization and batching for the CS224N multitask data.
 
 The three tasks (SST-5 sentiment, Quora paraphrase, STS similarity) come as tab-separated files
-with a header, a leading unnamed index column, then ``id`` and the task's columns. Each reader
-validates every row itself: a row that cannot be used is skipped and counted by reason in a
-:class:`SkipReport`, never dropped silently and never a crash (the course starter's habit).
+with a header, a leading unnamed index column, then ``id`` and the task's columns. The csv module
+parses them (any line ending, quoted line breaks), and each reader validates every row itself:
+a train or dev row that cannot be used is skipped and counted by reason in a
+:class:`SkipReport`, never dropped silently and never a crash (the course starter's habit); a
+test row that cannot be used, or a split with no usable row, stops with a :class:`DataError`
+naming the file and line.
 
 Batches are single-task and padded to the longest sequence in the batch. Training batches are
 length-bucketed (:func:`batch_order`), so examples of similar length share a batch and little

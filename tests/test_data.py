@@ -583,10 +583,12 @@ def _rows_of(raw: D.RawSplit) -> list[tuple]:
     )
 
 
-@pytest.mark.parametrize("ending", [b"\r", b"\r\n"])
+@pytest.mark.parametrize(
+    ("bom", "ending"), [(b"", b"\r"), (b"", b"\r\n"), (b"\xef\xbb\xbf", b"\r")]
+)
 @pytest.mark.parametrize(("task", "split"), [(t, s) for t in D.TASK_FILES for s in D.SPLITS])
 def test_any_line_ending_reads_like_lf(
-    tmp_path: Path, task: str, split: str, ending: bytes
+    tmp_path: Path, task: str, split: str, bom: bytes, ending: bytes
 ) -> None:
     """Old Mac spreadsheet exports end lines with a bare CR; Windows ones with CRLF."""
     source = DATA_DIR / D.split_file(task, split)
@@ -596,7 +598,7 @@ def test_any_line_ending_reads_like_lf(
     (tmp_path / "lf").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "lf" / source.name).write_bytes(b"\n".join(lines) + b"\n")
-    (tmp_path / "other" / source.name).write_bytes(ending.join(lines) + ending)
+    (tmp_path / "other" / source.name).write_bytes(bom + ending.join(lines) + ending)
     expected = D.read_split(tmp_path / "lf", task, split)
     got = D.read_split(tmp_path / "other", task, split)
     assert len(got) == len(expected) > 30
