@@ -265,7 +265,7 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     autocast,
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
     """Dev metrics (per task and overall) and the predictions behind them.
 
     An undefined STS Pearson correlation is None, with a warning that says why; the overall
@@ -657,7 +657,7 @@ def train(
     return result
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def _fmt(metrics: Mapping[str, float | None]) -> str:
     keys = ("sst_acc", "para_acc", "sts_pearson", "overall")
     values = {
         k: "undefined" if metrics[k] is None else f"{metrics[k]:.4f}" for k in keys if k in metrics
