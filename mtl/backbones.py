@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from mtl.bert import BertConfig, check_state_dict, read_checkpoint, weights_file
+from mtl.bert import (
+    BertConfig,
+    check_state_dict,
+    is_lfs_pointer,
+    lfs_pointer_message,
+    read_checkpoint,
+    weights_file,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -123,10 +130,12 @@ def read_config(folder: str | Path) -> BertConfig:
     """Reads a backbone folder's ``config.json``.
 
     Raises:
-        BackboneError: one line naming the file when it is missing, not JSON, or asks for a
-            variant this encoder does not implement.
+        BackboneError: one line naming the file when it is missing, a git-lfs pointer, not
+            JSON, or asks for a variant this encoder does not implement.
     """
     path = Path(folder) / "config.json"
+    if path.is_file() and is_lfs_pointer(path):
+        raise BackboneError(lfs_pointer_message(path))
     try:
         return BertConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
@@ -180,8 +189,8 @@ _PAIR_TASKS = ("para", "sts")
 def load_backbone(cfg: Config) -> Backbone:
     """Resolves ``cfg.model.backbone`` and checks that it can run ``cfg``.
 
-    Checks, each a one-line :class:`BackboneError` naming the file and the sizes:
-    ``data.max_length`` (and ``contrastive.max_length`` when stage 1 is on) fits the position
+    Checks, each a one-line :class:`BackboneError` naming the file and the sizes: no config or
+    tokenizer file is a git-lfs pointer (a clone without git-lfs); ``data.max_length`` (and ``contrastive.max_length`` when stage 1 is on) fits the position
     table (``max_position_embeddings``); design 2 with a pair task has the segment id 1 it
     feeds the second sentence (``type_vocab_size`` at least 2); every token id the tokenizer
     can give has a row in the embedding table (``vocab_size``). Call it before tokenizing, and
@@ -191,6 +200,9 @@ def load_backbone(cfg: Config) -> Backbone:
         BackboneError: the backbone resolves to nothing, or fails a check.
     """
     folder = resolve_backbone(cfg.model.backbone)
+    for name in _HUB_FILES:  # config and tokenizer files; the weights file is read_weights'
+        if (folder / name).is_file() and is_lfs_pointer(folder / name):
+            raise BackboneError(lfs_pointer_message(folder / name))
     config = read_config(folder)
     where = folder / "config.json"
     lengths = {"data.max_length": cfg.data.max_length}

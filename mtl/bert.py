@@ -308,6 +308,21 @@ def convert_hf_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
+def is_lfs_pointer(path: str | Path) -> bool:
+    """Whether ``path`` is a git-lfs pointer file standing in for the real content."""
+    with Path(path).open("rb") as fh:
+        return fh.read(len(_LFS_POINTER)) == _LFS_POINTER
+
+
+def lfs_pointer_message(path: str | Path) -> str:
+    """The one-line error for a git-lfs pointer found where a real file was expected."""
+    path = Path(path)
+    return (
+        f"{path}: a git-lfs pointer, not the file (the repository was cloned without git-lfs); "
+        f"run `git lfs pull` in {path.parent}"
+    )
+
+
 def weights_file(folder: str | Path) -> Path:
     """The weights file of a backbone folder: ``model.safetensors``, else ``pytorch_model.bin``.
 
@@ -330,12 +345,8 @@ def read_checkpoint(folder: str | Path) -> dict[str, Tensor]:
             or (``.bin``) holds pickled objects other than tensors.
     """
     path = weights_file(folder)
-    with path.open("rb") as fh:
-        if fh.read(len(_LFS_POINTER)) == _LFS_POINTER:
-            raise CheckpointError(
-                f"{path}: a git-lfs pointer, not the weights (the repository was cloned without "
-                f"git-lfs); run `git lfs pull` in {path.parent}"
-            )
+    if is_lfs_pointer(path):
+        raise CheckpointError(lfs_pointer_message(path))
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -571,7 +582,9 @@ __all__ = [
     "CheckpointError",
     "check_state_dict",
     "convert_hf_state_dict",
+    "is_lfs_pointer",
     "key_problems",
+    "lfs_pointer_message",
     "read_checkpoint",
     "weights_file",
 ]

@@ -45,7 +45,7 @@ def _empty(path: Path) -> None:
 
 
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
-    "lfs-pointer": (_lfs, r"a git-lfs pointer, not the weights .*run `git lfs pull` in "),
+    "lfs-pointer": (_lfs, r"a git-lfs pointer, not the file .*run `git lfs pull` in "),
     "truncated": (_truncate, r"truncated or corrupt"),
     "garbage": (_garbage, r"truncated or corrupt"),
     "empty": (_empty, r"truncated or corrupt"),
@@ -93,6 +93,18 @@ def test_unreadable_weights_file_is_one_line_naming_it(
         read_checkpoint(folder)
     message = _run(tmp_path, capsys, folder)
     assert message.startswith(f"{folder / weights}: ") and "no-data-here" not in message
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "vocab.txt"])
+def test_lfs_pointer_for_config_or_tokenizer_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    folder = _folder(tmp_path)
+    _lfs(folder / name)
+    assert _run(tmp_path, capsys, folder) == (
+        f"{folder / name}: a git-lfs pointer, not the file (the repository was cloned without "
+        f"git-lfs); run `git lfs pull` in {folder}"
+    )
 
 
 def test_extra_keys_name_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
