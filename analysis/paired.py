@@ -188,7 +188,8 @@ def features(
 
 def from_sums(task: str, sums: np.ndarray) -> np.ndarray:
     """The metric from (..., F) sums of :func:`features`: accuracy, or Pearson's r (0 where
-    either side is constant, as :func:`mtl.heads.pearson`)."""
+    either side is constant: the overall score counts an undefined correlation as 0, as
+    :func:`mtl.heads.overall_score` does)."""
     n = sums[..., 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         if task != "sts":

@@ -41,19 +41,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtl import contrastive, smart
 from mtl import data as data_lib
 from mtl import pal as pal_lib
-from mtl.backbones import load_tokenizer, resolve_backbone
-from mtl.bert import BertModel
+from mtl.backbones import Backbone, load_backbone
+from mtl.bert import BertModel, CheckpointError, key_problems
 from mtl.config import Config
 from mtl.heads import (
     METRIC_NAMES,
     MultitaskBert,
     overall_score,
+    pearson_undefined,
     predict,
     task_loss,
     task_metric,
@@ -71,7 +73,11 @@ DEV_PREDICTIONS_FILE = "dev_predictions.csv"
 
 
 class Reporter(Protocol):
-    """Receives the dev metrics and a resumable checkpoint folder after every evaluation."""
+    """Receives the dev metrics and a resumable checkpoint folder after every evaluation.
+
+    An undefined metric (STS Pearson of a constant prediction) is NaN here, null in
+    ``metrics.json``.
+    """
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: Path) -> None: ...
 
@@ -271,12 +277,22 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     autocast,
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Dev metrics (per task and overall) and the predictions behind them."""
+) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
+    """Dev metrics (per task and overall) and the predictions behind them.
+
+    An undefined STS Pearson correlation is None, with a warning that says why; the overall
+    score counts it as 0 (:func:`mtl.heads.overall_score`).
+    """
     metrics, preds = {}, {}
     for task, enc in dev.items():
         preds[task] = predict_split(model, enc, batch_size, device, autocast)
         metrics[METRIC_NAMES[task]] = task_metric(task, preds[task], enc.labels.numpy())
+        if task == "sts" and metrics["sts_pearson"] is None:
+            log.warning(
+                "dev sts_pearson is undefined (%s): recorded as null; the overall score counts "
+                "it as 0",
+                pearson_undefined(preds[task], enc.labels.numpy()),
+            )
     metrics["overall"] = overall_score(metrics)
     return metrics, preds
 
@@ -373,6 +389,22 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
+def _load_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from None
+    problems = key_problems(model.state_dict(), state)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{path} does not fit this run's model (was it written with another config?): "
+            + "; ".join(problems[:3])
+            + more
+        )
+    model.load_state_dict(state)
+
+
 def _numpy_state() -> list[Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
@@ -385,10 +417,15 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     regularizer: smart.Regularizer,
 ) -> TrainState:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state."""
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state.
+
+    Raises:
+        CheckpointError: a weights file is unreadable or does not fit this run's model (one
+            line naming the file and the first keys).
+    """
+    _load_weights(model, path / "model.safetensors")
     if regularizer.teacher is not None:
-        regularizer.teacher.model.load_state_dict(load_file(path / "teacher.safetensors"))
+        _load_weights(regularizer.teacher.model, path / "teacher.safetensors")
     extra = torch.load(path / "trainer.pt", weights_only=True)
     regularizer.load_state_dict(extra["smart"])
     optimizer.load_state_dict(extra["optimizer"])
@@ -454,10 +491,14 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def load_data(cfg: Config) -> data_lib.TaskData:
-    """Tokenized train/dev/test data for ``cfg`` (what a search builds once and shares)."""
-    tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
-    return data_lib.load_task_data(cfg.data, tokenizer, cfg.model.design, cfg.seed)
+def load_data(cfg: Config, backbone: Backbone | None = None) -> data_lib.TaskData:
+    """Tokenized train/dev/test data for ``cfg`` (what a search builds once and shares).
+
+    The backbone is checked against ``cfg`` (:func:`mtl.backbones.load_backbone`) before any
+    data is tokenized, unless ``backbone`` is one already checked.
+    """
+    backbone = backbone if backbone is not None else load_backbone(cfg)
+    return data_lib.load_task_data(cfg.data, backbone.tokenizer, cfg.model.design, cfg.seed)
 
 
 def train(
@@ -496,17 +537,17 @@ def train(
     device = _device(cfg)
     autocast = _autocast(cfg, device)
 
-    backbone_dir = resolve_backbone(cfg.model.backbone)
+    # The backbone, its config, tokenizer and weights checked once, before any data is tokenized.
+    backbone = load_backbone(cfg)
+    weights = backbone.read_weights(backbone_state)
     if data is None:
-        data = load_data(cfg)
+        data = load_data(cfg, backbone)
     stage1 = contrastive.stage1_for_run(cfg, run_dir, data, device, autocast)
     data = contrastive.exclude_stage1(data, stage1)  # a filtered copy; the shared data is intact
     (run_dir / "data_report.json").write_text(
         json.dumps(
             {
-                "skipped": [
-                    {"file": r.file, "rows": r.rows, "skipped": r.skipped} for r in data.reports
-                ],
+                "skipped": [r.to_dict() for r in data.reports],
                 "missing_test_files": data.missing,
                 "train_examples": {t: len(e) for t, e in data.train.items()},
                 "dev_examples": {t: len(e) for t, e in data.dev.items()},
@@ -515,7 +556,8 @@ def train(
         )
     )
 
-    model = build_model(cfg, backbone_dir, stage1.path if stage1 else None, backbone_state)
+    model = build_model(cfg, backbone.folder, stage1.path if stage1 else None, weights)
+    del weights  # the model holds its own copy
     model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.peak_lr)
     tasks = [t for t in cfg.data.tasks if t in data.train]
@@ -612,14 +654,16 @@ def train(
                         train_loss=epoch_loss.overall(),
                     )
                     epoch_loss.reset()
-                    if metrics[sel] > state.best:
-                        state.best, state.best_metrics = metrics[sel], dict(metrics)
+                    # An undefined metric counts as 0 here, as in the overall score.
+                    score = metrics[sel] if metrics[sel] is not None else 0.0
+                    if score > state.best:
+                        state.best, state.best_metrics = score, dict(metrics)
                         _save_best(best_dir, model, cfg, metrics)
                         write_dev_predictions(run_dir / DEV_PREDICTIONS_FILE, dev_sets, preds)
                     metrics[f"best_{sel}"] = state.best
                     state.history.append(metrics)
                     for key in (*METRIC_NAMES.values(), "overall"):
-                        if key in metrics:
+                        if metrics.get(key) is not None:  # no point for an undefined metric
                             writer.add_scalar(f"dev/{key}", metrics[key], state.step)
                     writer.flush()
                     if state.position == len(plan):
@@ -630,7 +674,9 @@ def train(
                     )
                     log.info("eval %d: %s", state.evaluation, _fmt(metrics))
                     if reporter is not None:
-                        reporter(dict(metrics), ckpt_dir)
+                        reporter(
+                            {k: math.nan if v is None else v for k, v in metrics.items()}, ckpt_dir
+                        )
                 if stop:
                     break
             if not stop and state.position == len(plan):
@@ -652,9 +698,12 @@ def train(
     return result
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def _fmt(metrics: Mapping[str, float | None]) -> str:
     keys = ("sst_acc", "para_acc", "sts_pearson", "overall")
-    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    values = {
+        k: "undefined" if metrics[k] is None else f"{metrics[k]:.4f}" for k in keys if k in metrics
+    }
+    return " ".join(f"{k}={v}" for k, v in values.items())
 
 
 def _progress(cfg: Config, total: int, done: int):
@@ -683,7 +732,8 @@ def _write_hparams(writer, cfg: Config, best: dict[str, float]) -> None:
 
     flat = _flatten(cfg.to_dict())
     hp = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
-    metric = {f"hparam/{k}": v for k, v in best.items() if k in ("overall", *METRIC_NAMES.values())}
+    names = ("overall", *METRIC_NAMES.values())
+    metric = {f"hparam/{k}": v for k, v in best.items() if k in names and v is not None}
     exp, ssi, sei = hparams(hp, metric)
     fw = writer._get_file_writer()
     for summary in (exp, ssi, sei):
@@ -720,10 +770,19 @@ def _write_all_predictions(
                 write_predictions(
                     out_dir / f"{task}-{split}-output.csv", task, sets[task].ids, preds
                 )
+    partial = [
+        f"{task}-test-output.csv: {len(data.test[task])} of {data.test_rows[task]} test ids"
+        for task in tasks
+        if task in data.test and len(data.test[task]) < data.test_rows.get(task, 0)
+    ]
+    notes = []
     if data.missing:
-        (out_dir / "MISSING.txt").write_text(
-            "No test predictions for these absent files:\n" + "\n".join(data.missing) + "\n"
-        )
+        notes += ["No test predictions for these absent files:", *data.missing]
+    if partial:
+        notes += ["Test predictions for a subsample only (data.max_eval_examples):", *partial]
+        log.warning("test predictions are not a whole submission: %s", "; ".join(partial))
+    if notes:
+        (out_dir / "MISSING.txt").write_text("\n".join(notes) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,7 +794,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from mtl.backbones import BackboneError
-    from mtl.bert import CheckpointError
     from mtl.config import ConfigError, add_set_argument, load_config
 
     parser = argparse.ArgumentParser(prog="python -m mtl.train", description=__doc__.split("\n")[0])

@@ -566,3 +566,138 @@ def test_download_http_error_names_url(tmp_path: Path) -> None:
     ):
         D.download_data(tmp_path / "cache", base_url=url)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- files as people have them
+
+
+def _rows_of(raw: D.RawSplit) -> list[tuple]:
+    return list(
+        zip(
+            raw.ids,
+            raw.text_a,
+            raw.text_b or [None] * len(raw),
+            raw.labels or [None] * len(raw),
+            strict=True,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("bom", "ending"), [(b"", b"\r"), (b"", b"\r\n"), (b"\xef\xbb\xbf", b"\r")]
+)
+@pytest.mark.parametrize(("task", "split"), [(t, s) for t in D.TASK_FILES for s in D.SPLITS])
+def test_any_line_ending_reads_like_lf(
+    tmp_path: Path, task: str, split: str, bom: bytes, ending: bytes
+) -> None:
+    """Old Mac spreadsheet exports end lines with a bare CR; Windows ones with CRLF."""
+    source = DATA_DIR / D.split_file(task, split)
+    if not source.is_file():
+        pytest.skip(f"{source.name} is not in the local data")
+    lines = source.read_bytes().splitlines()[:40]
+    (tmp_path / "lf").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "lf" / source.name).write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "other" / source.name).write_bytes(bom + ending.join(lines) + ending)
+    expected = D.read_split(tmp_path / "lf", task, split)
+    got = D.read_split(tmp_path / "other", task, split)
+    assert len(got) == len(expected) > 30
+    assert _rows_of(got) == _rows_of(expected)
+    assert got.report == expected.report
+
+
+@pytest.mark.parametrize("split", D.SPLITS)
+def test_quoted_field_with_a_line_break_is_one_row(tmp_path: Path, split: str) -> None:
+    header = HEADERS["sts"] if split != "test" else "\tid\tsentence1\tsentence2"
+    label = "\t4.0" if split != "test" else ""
+    lines = [
+        header,
+        f'0\tx0\t"A man\nplays a guitar."\tA man is playing.{label}',
+        f"1\tx1\tA dog runs.\tA dog is running.{label}",
+        "2\tx2\tonly one sentence",
+    ]
+    if split == "test":
+        lines.pop()
+    _write(tmp_path / D.split_file("sts", split), lines)
+    raw = D.read_split(tmp_path, "sts", split)
+    assert raw.ids == ["x0", "x1"]
+    assert raw.text_a == ["A man\nplays a guitar.", "A dog runs."]
+    assert raw.report.rows == len(lines) - 1
+    if split != "test":
+        # Numbered by the line each record starts on: the header, then two lines for x0.
+        assert raw.report.examples == {"wrong column count": [5]}
+
+
+def test_unclosed_quote_is_named_where_it_starts(tmp_path: Path) -> None:
+    lines = [HEADERS["sst"], GOOD["sst"], '1\tbad\t"an unclosed quote\t2', "2\tlost\tswallowed\t3"]
+    _write(tmp_path / "ids-sst-train.csv", lines)
+    raw = D.read_split(tmp_path, "sst", "train")
+    assert raw.ids == ["good0"]
+    assert raw.report.examples == {"wrong column count over several lines (unclosed quote?)": [3]}
+
+
+@pytest.mark.parametrize("task", list(D.TASK_FILES))
+def test_test_row_that_is_not_utf8_stops_naming_file_and_line(tmp_path: Path, task: str) -> None:
+    """A skipped test row would be an id missing from the submission."""
+    name = D.split_file(task, "test")
+    header = HEADERS[task].rsplit("\t", 1)[0]
+    good = GOOD[task].rsplit("\t", 1)[0]
+    bad = good.replace("good0", "good1").encode().replace(b"0\t", b"1\t", 1) + b" caf\xe9"
+    path = _write(tmp_path / name, [header, good, bad])
+    with pytest.raises(D.DataError, match=rf"^{path}: line 3: not UTF-8; a test row cannot be"):
+        D.read_split(tmp_path, task, "test")
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [("1\t\tA sentence.", "empty id"), ("1\tgood1\tA sentence.\textra", "wrong column count")],
+)
+def test_any_unusable_test_row_stops(tmp_path: Path, row: str, reason: str) -> None:
+    path = _write(
+        tmp_path / "ids-sst-test-student.csv", ["\tid\tsentence", "0\tgood0\tFine.", "", row]
+    )
+    with pytest.raises(D.DataError, match=rf"^{path}: line 4: {reason}; "):
+        D.read_split(tmp_path, "sst", "test")
+
+
+@pytest.mark.parametrize(
+    ("task", "split"), [(t, s) for t in D.TASK_FILES for s in ("train", "dev")]
+)
+def test_split_without_a_usable_row_stops(tmp_path: Path, task: str, split: str) -> None:
+    """SST labels written as words: every row is skipped, and that is an error, not an empty set."""
+    header, good = HEADERS[task], GOOD[task]
+    rows = [good.replace("good0", f"w{i}").rsplit("\t", 1)[0] + "\tpositive" for i in range(3)]
+    path = _write(tmp_path / D.split_file(task, split), [header, *rows])
+    with pytest.raises(
+        D.DataError,
+        match=rf"^{path}: no usable row: .*skipped 3 of 3 rows \(label not a number: 3 at lines 2, 3, 4\)",
+    ):
+        D.read_split(tmp_path, task, split)
+    _write(path, [header])
+    with pytest.raises(D.DataError, match=rf"^{path}: no data rows after the header"):
+        D.read_split(tmp_path, task, split)
+
+
+@pytest.mark.parametrize(("task", "split"), PRESENT)
+def test_duplicated_ids_are_counted_and_warned(
+    tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture, task: str, split: str
+) -> None:
+    for s in D.SPLITS:
+        if (DATA_DIR / D.split_file(task, s)).is_file():
+            shutil.copy(DATA_DIR / D.split_file(task, s), tmp_path / D.split_file(task, s))
+    path = tmp_path / D.split_file(task, split)
+    lines = path.read_bytes().splitlines()[:10]
+    lines += [lines[3], lines[1], lines[3]]  # the rows of lines 4, 2, 4 again at lines 11-13
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    raw = D.read_split(tmp_path, task, split)
+    assert len(raw) == 12 and raw.report.duplicate_ids == 3
+    message = raw.report.duplicates_warning()
+    assert message == (
+        f"{path.name}: 3 rows repeat an earlier row's id (line 11 repeats line 4, line 12 repeats "
+        "line 2, line 13 repeats line 4); predictions for a repeated id are ambiguous to a grader"
+    )
+    cfg = DataConfig(data_dir=str(tmp_path), tasks=(task,), max_train_examples=8)
+    with caplog.at_level(logging.WARNING, logger="mtl.data"):
+        D.load_task_data(cfg, tokenizer, design=2, seed=0)
+    assert message in caplog.text
+    assert caplog.text.count("repeat an earlier row's id") == 1
