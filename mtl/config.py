@@ -52,7 +52,7 @@ class DataConfig(_Section):
     max_length: int = Field(128, ge=8)
     # Deterministic subsample of each training split (None: all rows).
     max_train_examples: int | None = Field(None, gt=0)
-    # Deterministic subsample of each dev/test split (None: all rows).
+    # Deterministic subsample of each dev/test split (None: all rows), the same for every seed.
     max_eval_examples: int | None = Field(None, gt=0)
     # Length-bucketed batches (shuffled within buckets); False: uniformly shuffled batches.
     bucket: bool = True

@@ -774,6 +774,10 @@ class TaskData:
     test_rows: dict[str, int] = field(default_factory=dict)
 
 
+# The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
+EVAL_SUBSAMPLE_SEED = 0
+
+
 def load_task_data(
     cfg: DataConfig,
     tokenizer: Any,
@@ -785,14 +789,16 @@ def load_task_data(
 
     Training splits lose the ids in ``exclude[task]`` (held out elsewhere, e.g. by the
     contrastive stage) and are subsampled to ``cfg.max_train_examples``; dev and test splits are
-    subsampled to ``cfg.max_eval_examples``; both with ``seed``. Every report that skipped rows,
+    subsampled to ``cfg.max_eval_examples`` with the fixed seed :data:`EVAL_SUBSAMPLE_SEED`, so runs
+    under different seeds are scored on the same dev examples (their spread is training noise
+    only, and paired comparisons see every example on both sides). Every report that skipped rows,
     and the list of absent test files, is logged as a warning on the ``mtl.data`` logger.
 
     Args:
         cfg: The data section of the config.
         tokenizer: A Hugging Face fast tokenizer.
         design: 1 or 2 (see :func:`encode`).
-        seed: Seeds the subsamples.
+        seed: Seeds the training subsamples.
         exclude: Task -> training ids to leave out.
 
     Returns:
@@ -824,7 +830,7 @@ def load_task_data(
             else:
                 if split == "test":
                     data.test_rows[task] = len(raw)
-                raw = subsample(raw, cfg.max_eval_examples, seed)
+                raw = subsample(raw, cfg.max_eval_examples, EVAL_SUBSAMPLE_SEED)
             target = {"train": data.train, "dev": data.dev, "test": data.test}[split]
             target[task] = encode(raw, tokenizer, cfg.max_length, design)
     if data.missing:

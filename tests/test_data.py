@@ -434,6 +434,10 @@ def test_load_task_data(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
         assert "quora-test-student.csv" in caplog.text
     again = D.load_task_data(cfg, tokenizer, design=2, seed=0, exclude=exclude)
     assert again.train["sst"].ids == data.train["sst"].ids
+    # Another seed: another training subsample, the same dev examples (seeds compare on them).
+    other = D.load_task_data(cfg, tokenizer, design=2, seed=1, exclude=exclude)
+    assert other.train["sst"].ids != data.train["sst"].ids
+    assert all(other.dev[t].ids == data.dev[t].ids for t in data.dev)
 
 
 def test_load_task_data_design_1_subset(tokenizer) -> None:
