@@ -4,8 +4,8 @@
 #   stop_with_head.sh HEAD_IP PORT      (started in the background by local.yaml's worker start)
 #
 # `ray down` runs `ray stop` on the head only, and the local provider terminates no machine: on a
-# worker the raylet exits a minute after it loses the head, but its log monitor, dashboard agent
-# and runtime-env agent stay. This checks the head's GCS port every 5 s; after 3 failures in a row
+# worker the raylet exits a minute after it loses the head, but its log monitor stays (and its
+# dashboard and runtime-env agents have been seen to stay too). This checks the head's GCS port every 5 s; after 3 failures in a row
 # (15 s) it runs `ray stop` here. It exits without stopping anything once this node's raylet is
 # gone for another reason (`ray stop` by hand, or the `ray stop` that precedes a restart), so it
 # never races a new `ray start`.

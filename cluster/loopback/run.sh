@@ -38,11 +38,11 @@ PATH_IN=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 skip() { echo "SKIP: $*"; exit 77; }
 log() { echo "[$(date -u +%T)] $*"; }
 now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
+elapsed() { "$PROJECT_PY" -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 
 # --------------------------------------------------------------------------- can it run here?
 [ "$(id -u)" = 0 ] || skip "needs root (network, PID and mount namespaces, sshd on port 22)"
-for tool in unshare nsenter ip ssh-keygen ssh pgrep timeout; do
+for tool in unshare nsenter ip pgrep ps timeout; do
     command -v "$tool" > /dev/null || skip "$tool not found"
 done
 unshare --net --pid --mount --uts --fork true 2> /dev/null ||
@@ -56,25 +56,36 @@ WORK=
 CREATED_POLICY=
 CREATED_RUN_SSHD=
 declare -A INIT_PID=()
+UNSHARE_PIDS=()
 
+exec 3>&1 4>&2 # the script's own output, for cleanup: a signal may come during a redirected step
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    exec 1>&3 2>&4
     if [ "$rc" != 0 ] && [ "$rc" != 77 ] && [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        for f in "$WORK"/head/tmp/ray/session_latest/logs/monitor.{out,err,log} \
-            "$WORK"/head/tmp/ray/session_latest/logs/job-driver-*.log \
-            "$WORK"/worker/home/stop_with_head.log "$WORK"/*/sshd.log; do
-            [ -s "$f" ] && { echo "----- tail of $f"; tail -n 30 "$f"; }
+        # session_latest links to /tmp/ray/..., a path inside the head: its real folder instead.
+        local session
+        session=$(ls -d "$WORK"/head/tmp/ray/session_2*/ 2> /dev/null | tail -n 1)
+        for f in "$session"logs/monitor.{out,err} "$session"logs/job-driver-*.log \
+            "$WORK"/worker/home/stop_with_head.log "$WORK"/*/sshd.log "$WORK"/*.log; do
+            [ -s "$f" ] || continue
+            echo "----- tail of $f"
+            grep -v "syslogin_perform_logout" "$f" | tail -n 40 | cut -c1-400
         done
     fi
     # Killing a PID namespace's init kills every process in it; its network namespace (with the
     # veth end and so the pair) and its mount namespace (every mount made in it) go with them.
-    for host in "${!INIT_PID[@]}"; do
-        kill -KILL "${INIT_PID[$host]}" 2> /dev/null
+    local pid
+    for pid in "${INIT_PID[@]}" "${UNSHARE_PIDS[@]}"; do
+        kill -KILL "$pid" 2> /dev/null
     done
-    for host in "${!INIT_PID[@]}"; do
-        while kill -0 "${INIT_PID[$host]}" 2> /dev/null; do sleep 0.2; done
+    for pid in "${UNSHARE_PIDS[@]}"; do
+        wait "$pid" 2> /dev/null
+    done
+    for pid in "${INIT_PID[@]}"; do
+        while kill -0 "$pid" 2> /dev/null; do sleep 0.2; done
     done
     ip link del "${TAG}h" 2> /dev/null
     [ -n "$CREATED_RUN_SSHD" ] && rmdir /run/sshd 2> /dev/null
@@ -102,6 +113,9 @@ if [ ${#missing[@]} -gt 0 ]; then
         > /dev/null || skip "apt-get could not install ${missing[*]}"
     [ -n "$CREATED_POLICY" ] && rm -f /usr/sbin/policy-rc.d && CREATED_POLICY=
 fi
+for tool in ssh ssh-keygen rsync; do # openssh-server brings the client
+    command -v "$tool" > /dev/null || skip "$tool not found"
+done
 
 # --------------------------------------------------------------------------- the hosts' Python
 PROJECT_SITE=$("$PROJECT_PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -176,7 +190,8 @@ StrictModes no
 AuthorizedKeysFile $WORK/authorized_keys
 Subsystem sftp internal-sftp
 EOF
-    unshare --net --pid --mount --uts --fork --mount-proc --propagation private \
+    # --kill-child: should this script be killed outright, its namespaces still go with it.
+    unshare --net --pid --mount --uts --fork --kill-child --mount-proc --propagation private \
         bash -c "hostname $host
             $binds mount --rbind $dir/tmp /tmp
             mount -t tmpfs -o size=4g tmpfs /dev/shm
@@ -184,7 +199,8 @@ EOF
             mount --bind $WORK/shared $NFS
             while :; do sleep 5; done" 2> "$dir/init.log" &
     local unshare_pid=$! child=
-    for _ in $(seq 50); do
+    UNSHARE_PIDS+=("$unshare_pid")
+    for _ in $(seq 100); do
         child=$(pgrep -P "$unshare_pid" || true)
         [ -n "$child" ] && [ "$(readlink "/proc/$child/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] &&
             grep -q "$NFS" "/proc/$child/mountinfo" && break
@@ -244,8 +260,9 @@ EOF
 cd "$REPO"
 log "ray up"
 t0=$(now)
-in_host head bash -c "cd '$REPO' && ray up -y '$CONFIG' --no-config-cache" > "$WORK/ray_up.log" 2>&1 ||
-    { tail -n 60 "$WORK/ray_up.log"; echo "FAIL: ray up" >&2; exit 1; }
+in_host head timeout 900 bash -c "cd '$REPO' && ray up -y '$CONFIG' --no-config-cache" \
+    > "$WORK/ray_up.log" 2>&1 ||
+    { echo "FAIL: ray up" >&2; exit 1; }
 t_head=$(now)
 log "ray up returned: head ready"
 grep -E "^installed\.py: |a usable copy of the data|open files limited" "$WORK/ray_up.log" |
@@ -265,7 +282,8 @@ t_ready=$(now)
     exit 1
 }
 in_host head bash -c 'cat /tmp/ray/session_latest/logs/monitor.{out,err} 2> /dev/null' |
-    grep -E "^installed\.py: |open files limited" | sort -u | sed 's/^/  worker setup: /' || true
+    grep -E "^installed\.py: |open files limited" | grep -v "command_runner.py" | sort -u |
+    sed 's/^/  worker setup: /' || true
 echo "TIME ray_up_to_head_ready $(elapsed "$t0" "$t_head")"
 echo "TIME ray_up_to_2_nodes $(elapsed "$t0" "$t_ready")"
 
@@ -277,12 +295,13 @@ runtime_env=$(printf '{"env_vars": {"MTL_DATA_DIR": "%s", "HF_HUB_OFFLINE": "1",
     "$NFS/job-data")
 log "ray job submit"
 t_submit=$(now)
-in_host head ray job submit --address http://127.0.0.1:8265 --runtime-env-json "$runtime_env" -- \
+in_host head timeout 900 ray job submit --address http://127.0.0.1:8265 \
+    --runtime-env-json "$runtime_env" -- \
     bash -c "cd ~/mtl-search && python cluster/loopback/env_probe.py MTL_DATA_DIR=$NFS/job-data &&
         python -m mtl.search search_spaces/quick.yaml --smoke --address auto \
             --set experiment.storage_path=$NFS/ray_results" > "$WORK/job.log" 2>&1 &&
     grep -q "succeeded" "$WORK/job.log" ||
-    { tail -n 60 "$WORK/job.log"; echo "FAIL: the job failed" >&2; exit 1; }
+    { echo "FAIL: the job failed" >&2; exit 1; }
 t_done=$(now)
 grep -E "^env_probe" "$WORK/job.log" | sed 's/^/  /'
 echo "TIME job_submit_to_finished $(elapsed "$t_submit" "$t_done")"
@@ -317,8 +336,8 @@ EOF
 # --------------------------------------------------------------------------- ray down
 log "ray down"
 t_down=$(now)
-in_host head bash -c "cd '$REPO' && ray down -y '$CONFIG'" > "$WORK/ray_down.log" 2>&1 ||
-    { tail -n 40 "$WORK/ray_down.log"; echo "FAIL: ray down" >&2; exit 1; }
+in_host head timeout 300 bash -c "cd '$REPO' && ray down -y '$CONFIG'" > "$WORK/ray_down.log" 2>&1 ||
+    { echo "FAIL: ray down" >&2; exit 1; }
 echo "TIME ray_down $(elapsed "$t_down" "$(now)")"
 left() { # host: its processes other than its init (PID 1, reaping; its sleep), sshd and ps
     in_host "$1" ps -eo pid=,ppid=,args= |
