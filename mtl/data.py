@@ -529,6 +529,63 @@ def download_data(
     return folder
 
 
+def local_copy_problem(folder: Path) -> str | None:
+    """Why ``folder`` does not hold a usable copy of the data, or None when it does.
+
+    Usable is what training reads: every task's train and dev file, each with its columns (the
+    readers' own header check); test files are optional (no test predictions without them) but
+    checked when present. Unlike :func:`download_data`'s checks, neither the published checksums
+    nor its row counts are asked for, so a local copy or subset of the data passes.
+    """
+    folder = Path(folder)
+    for task in TASK_FILES:
+        for split in SPLITS:
+            path = folder / split_file(task, split)
+            if not path.is_file():
+                if split == "test":
+                    continue
+                return f"{path}: no such file"
+            try:
+                _locate_columns(path, _read_header(path), task, split)
+            except DataError as err:
+                return str(err)
+    return None
+
+
+def ensure_data(
+    folder: Path,
+    base_url: str = DEFAULT_BASE_URL,
+    *,
+    min_rows: Mapping[str, int] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Keep a usable copy of the data in ``folder``, else download the published data into it.
+
+    For cluster setup: a folder someone filled (a copy from another machine, a subset) is used as
+    it is, so a node without internet sets up; only when a file that training reads is missing or
+    lacks its columns is :func:`download_data` called, which verifies and fills the folder.
+
+    Args:
+        folder: The data folder (``MTL_DATA_DIR`` of the cluster).
+        base_url: As for :func:`download_data`.
+        min_rows: As for :func:`download_data`.
+        timeout: As for :func:`download_data`.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        DataError: The folder is not usable and the download failed.
+    """
+    folder = Path(folder)
+    problem = local_copy_problem(folder)
+    if problem is None:
+        logger.info("%s: a usable copy of the data is there; nothing downloaded", folder)
+        return folder
+    logger.info("%s; downloading the published data", problem)
+    return download_data(folder, base_url, min_rows=min_rows, timeout=timeout)
+
+
 def resolve_data_dir(data_dir: str | None) -> Path:
     """The data folder: the config value, else ``$MTL_DATA_DIR``, else :func:`download_data`.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -705,3 +706,42 @@ def test_duplicated_ids_are_counted_and_warned(
         D.load_task_data(cfg, tokenizer, design=2, seed=0)
     assert message in caplog.text
     assert caplog.text.count("repeat an earlier row's id") == 1
+
+
+def test_ensure_data_keeps_a_local_copy_that_download_data_rejects(
+    served: Path, tmp_path: Path
+) -> None:
+    """A cluster node without internet sets up from a copy of the data (issue 16, point 4)."""
+    local = tmp_path / "local"
+    shutil.copytree(served / D.DATA_COMMIT / "data", local)
+    (local / "quora-test-student.csv").unlink()  # test files are optional
+    before = {p.name: p.read_bytes() for p in local.iterdir()}
+    with _serve(tmp_path / "nothing-served") as (url, seen):
+        # What the head's setup ran before: the 30-row quora-train.csv is not the published one.
+        with pytest.raises(D.DataError, match=r"quora-train\.csv: download failed: 404"):
+            D.download_data(local, base_url=url)
+        assert D.ensure_data(local, base_url=url) == local
+        assert seen == [f"/{D.DATA_COMMIT}/data/quora-train.csv"]  # download_data's only
+    assert {p.name: p.read_bytes() for p in local.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [("missing", r"sts-dev\.csv: no such file"), ("no columns", r"sts-dev\.csv: missing column")],
+)
+def test_ensure_data_downloads_when_a_file_training_reads_is_unusable(
+    served: Path, tmp_path: Path, damage: str, problem: str
+) -> None:
+    local = tmp_path / "local"
+    shutil.copytree(served / D.DATA_COMMIT / "data", local)
+    if damage == "missing":
+        (local / "sts-dev.csv").unlink()
+    else:
+        (local / "sts-dev.csv").write_text("a\tb\n1\t2\n")
+    assert D.local_copy_problem(local) is not None
+    assert re.search(problem, D.local_copy_problem(local))
+    with _serve(served) as (url, seen):
+        D.ensure_data(local, base_url=url, min_rows=SMALL_ROWS, timeout=5)
+    assert f"/{D.DATA_COMMIT}/data/sts-dev.csv" in seen
+    assert D.local_copy_problem(local) is None
+    assert (local / "sts-dev.csv").read_bytes() == (ORIGINAL_DIR / "sts-dev.csv").read_bytes()
