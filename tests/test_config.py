@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl.config import Config, ConfigError, load_config, parse_overrides
+from mtl.config import Config, ConfigError, build_config, load_config, parse_overrides
 
 
 def test_defaults_are_the_papers() -> None:
@@ -65,3 +65,21 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"error: {path}: train.epochs: Input should be greater than 0"
     ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (
+            {"contrastive": {"max_examples": 1000}},
+            r"contrastive: Value error, max_examples was removed: .* max_val_examples",
+        ),
+        (
+            {"contrastive": {"enabled": True}, "data": {"tasks": ["sst", "sts"]}},
+            r"contrastive.enabled needs the para task",
+        ),
+    ],
+)
+def test_stage1_settings_that_cannot_hold_are_one_line(raw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_config(raw)
