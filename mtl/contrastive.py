@@ -397,7 +397,13 @@ def train_stage1(
 
 
 def _keep_ids(raw: data_lib.RawSplit, ids: set[str]) -> data_lib.RawSplit:
-    keep = [i for i, example_id in enumerate(raw.ids) if example_id in ids]
+    """The rows of ``ids``, the first row of each (a repeated id is one pair, as in the pool)."""
+    seen: set[str] = set()
+    keep = []
+    for i, example_id in enumerate(raw.ids):
+        if example_id in ids and example_id not in seen:
+            seen.add(example_id)
+            keep.append(i)
     return replace(
         raw,
         ids=[raw.ids[i] for i in keep],

@@ -14,19 +14,24 @@ norm about 10 on MiniLM), never to the raw word embeddings before the LayerNorm 
 smaller there). The inner max is approximated by K ascent steps from Gaussian noise, with one of
 two update rules (``smart.update``):
 
-* ``normalized_step`` (the default), SMART's Algorithm 1 (lines 5-9) as namisan/mt-dnn's
-  ``mt_dnn/perturbation.py`` implemented it when the paper came out (commit 0d6201e,
-  ``SmartPerturbation._norm_grad``)::
+* ``normalized_step`` (the default), SMART's Algorithm 1 (lines 5-9), whose normalised ascent
+  step namisan/mt-dnn's ``mt_dnn/perturbation.py`` implemented when the paper came out (commit
+  0d6201e, ``SmartPerturbation._norm_grad``)::
 
       delta_0 = sigma * N(0, I)
       g_k = grad_delta l_s(f(x + delta_k), f(x))
       delta_{k+1} = delta_k + eta * g_k / (||g_k|| + epsilon)      (norm per token)
 
-  The gradient is normalised, not the perturbation, so every token moves by eta (in the chosen
-  norm) in the direction that increases the divergence most: a perturbation of order eta = 1e-3,
-  under 1% of a token vector, pointing where the model is least smooth. Like that code we do not
-  project onto the epsilon ball (Algorithm 1's Pi), so epsilon is only the constant that keeps
-  the division finite.
+  The gradient is normalised, not the perturbation, so while the raw gradient is well above
+  epsilon every token moves by eta (in the chosen norm) in the direction that increases the
+  divergence most: a perturbation of order eta = 1e-3, under 1% of a token vector, pointing where
+  the model is least smooth (in training, with dropout on, the raw gradient on MiniLM is about
+  1e-4; without dropout, at sigma-sized noise, it falls below epsilon and so does the step).
+  We follow Algorithm 1 more literally than that commit, which dropped delta_0 from the final
+  input (x + eta * g / ||g||), stopped R_s's gradient at the embedding output and ascended a
+  one-sided KL: here the final input is x + delta_K and R_s reaches the embedding layer, as in
+  later mt-dnn and vat-pytorch. Like both we do not project onto the epsilon ball (Algorithm 1's
+  Pi), so epsilon is only the constant that keeps the division finite.
 
 * ``unit_norm``, archinetai/vat-pytorch's ``SMARTLoss`` (which the seed paper cites) and later
   MT-DNN (``perturbation.py`` at commit 676b48b): the whole perturbation, noise plus step, is
@@ -42,7 +47,11 @@ two update rules (``smart.update``):
 The perturbation is detached after each step, so the gradient of R_s with respect to the
 parameters is taken at a fixed perturbation. l_s is the symmetric KL divergence for
 classification (the paraphrase logit read as a two-class distribution) and the squared error for
-regression.
+regression. Its gradient is the full gradient of the value the paper defines; mt-dnn's
+``SymKlCriterion`` and vat-pytorch's ``sym_kl_loss`` detach the other side in each KL term, a
+semi-gradient that near f(x~) = f(x) is half of ours, so lambda here acts like 2 * lambda there.
+Under bf16 autocast (the CUDA default) sigma = 1e-5 is below bf16's resolution in the matmuls, so
+the initial noise is mostly rounding; the ascent step (order eta) is not.
 
 The module has three layers: pure tensor functions (the divergences, the normalisation, the two
 update rules), the one function that re-runs the model (:func:`smart_regularizer`), and the glue

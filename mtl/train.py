@@ -427,7 +427,8 @@ def load_checkpoint(
     if regularizer.teacher is not None:
         _load_weights(regularizer.teacher.model, path / "teacher.safetensors")
     extra = torch.load(path / "trainer.pt", weights_only=True)
-    regularizer.load_state_dict(extra["smart"])
+    if "smart" in extra:  # checkpoints written before SMART had its own generator have none
+        regularizer.load_state_dict(extra["smart"])
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtl import contrastive
 from mtl import data as data_lib
@@ -104,6 +105,33 @@ def test_one_infonce_step_pushes_non_duplicate_pairs_apart(real_data_dir: Path) 
     contrastive.infonce_loss(u, v, batch.labels, 0.05, view).backward()
     optimizer.step()
     assert cosine() < before - 0.01
+
+
+def test_infonce_with_only_non_duplicates_is_unsupervised_simcse_plus_hard_negatives() -> None:
+    torch.manual_seed(0)
+    u, v, view = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    cols = F.normalize(torch.cat([view, v]), dim=-1)
+    logits = F.normalize(u, dim=-1) @ cols.T / 0.05
+    expected = F.cross_entropy(logits, torch.arange(3))
+    loss = contrastive.infonce_loss(u, v, torch.zeros(3), 0.05, view)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_views_are_the_non_duplicates_first_sentences(tiny_backbone: Path, real_data_dir: Path):
+    """Without dropout the second view equals the first sentence's embedding, row for row."""
+    from mtl.backbones import load_tokenizer
+    from mtl.bert import BertModel
+
+    raw = data_lib.subsample(data_lib.read_split(real_data_dir, "para", "train"), 16, 0)
+    batch = data_lib.collate(
+        data_lib.encode(raw, load_tokenizer(tiny_backbone), 24, design=1), list(range(16))
+    )
+    encoder = BertModel.from_pretrained(str(tiny_backbone)).eval()
+    with torch.no_grad():
+        u, _, view = contrastive._cls_pair(encoder, batch, views=True)
+    negative = ~batch.labels.bool()
+    assert view is not None and len(view) == int(negative.sum()) > 0
+    torch.testing.assert_close(view, u[negative], rtol=1e-4, atol=1e-5)
 
 
 def test_infonce_with_only_duplicates_is_finite_and_backpropagates() -> None:
