@@ -20,11 +20,12 @@ import optuna
 import ray
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
 from mtl.config import build_config, merge
 from mtl.search import results as results_lib
-from mtl.search.searcher import CLOSED_ATTR, PruningOptunaSearch, make_sampler
+from mtl.search.scheduler import EvaluationASHA
+from mtl.search.searcher import CLOSED_ATTR, STEP_KEY, PruningOptunaSearch, make_sampler
 from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
 from mtl.search.trainable import POINT_KEY, DataCache, NoRetryOnNonFinite, TrialSpec, run_trial
 
@@ -220,19 +221,17 @@ def make_searcher(space: DesignSpace, study_url: str) -> PruningOptunaSearch:
     )
 
 
-def make_scheduler(space: DesignSpace):
+def make_scheduler(space: DesignSpace) -> FIFOScheduler | EvaluationASHA:
     sched = space.scheduler
     if sched.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="evaluation",
+    return EvaluationASHA(
+        time_attr=STEP_KEY,
         metric=f"best_{space.objective.metric}",
         mode=space.objective.mode,
         max_t=space.max_t,
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
-        # Reaching max_t is the trial's own end: let the trainer finish (predictions, HParams).
-        stop_last_trials=False,
     )
 
 
@@ -409,6 +408,8 @@ def run_search(
     print(f"  tensorboard --logdir {exp.path}")
     if exp.study_url:
         print(f"  optuna-dashboard {exp.study_url}")
+    if space.scheduler.type == "asha":
+        print(make_scheduler(space).describe())
 
     data_cache = DataCache.remote()
     run_tuner(space, exp, resume=resume, data_cache=data_cache, verbose=verbose)
