@@ -18,6 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 TASKS: tuple[str, ...] = ("sst", "para", "sts")
 METRICS: tuple[str, ...] = ("overall", "sst_acc", "para_acc", "sts_pearson")
+# The dev metric each task produces; "overall" is the mean over the configured tasks.
+TASK_METRICS: dict[str, str] = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}
+
+
+def unmeasured(metric: str, tasks: tuple[str, ...] | list[str]) -> str | None:
+    """Why ``metric`` cannot be measured when training ``tasks`` (None: it can)."""
+    task = {m: t for t, m in TASK_METRICS.items()}.get(metric)
+    if task is None or task in tasks:
+        return None
+    return f"{metric!r} is a metric of task {task}, which is not in data.tasks ({', '.join(tasks)})"
 
 
 class ConfigError(ValueError):
@@ -209,6 +219,13 @@ class Config(_Section):
     pal: PalConfig = PalConfig()
     contrastive: ContrastiveConfig = ContrastiveConfig()
 
+    @model_validator(mode="after")
+    def _selection_metric_measured(self) -> Config:
+        problem = unmeasured(self.train.selection_metric, self.data.tasks)
+        if problem is not None:
+            raise ValueError(f"train.selection_metric: {problem}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict (tuples become lists)."""
         return self.model_dump(mode="json")
@@ -218,6 +235,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"]
+    if not first["loc"] and first["type"] == "value_error":
+        # A check across sections names its own key: "train.selection_metric: ..."
+        key, msg = str(first["ctx"]["error"]).split(": ", 1)
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

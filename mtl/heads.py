@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.bert import BertModel
-from mtl.config import ModelConfig
+from mtl.config import TASK_METRICS, ModelConfig
 from mtl.data import Batch
 
 NUM_SENTIMENT_CLASSES = 5
@@ -205,7 +205,7 @@ def task_metric(task: str, pred: np.ndarray, gold: np.ndarray) -> float:
     return float((np.asarray(pred) == np.asarray(gold)).mean())
 
 
-METRIC_NAMES = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}
+METRIC_NAMES = TASK_METRICS
 
 
 def overall_score(metrics: dict[str, float]) -> float:

@@ -6,6 +6,7 @@ BERT of test_search_run.py, with as few trials and evaluations as each case need
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -15,7 +16,7 @@ import yaml
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from mtl.search.scheduler import EvaluationASHA
-from tests.test_search_run import run_cli, study_of, tiny_space
+from tests.test_search_run import _cli, _env, run_cli, study_of, tiny_space
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,18 @@ def _space(root: Path, backbone: Path, data_dir: Path, name: str, **sections: di
     raw.update(sections)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def cli(space: Path, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m mtl.search`` with any exit status (run_cli asserts 0)."""
+    return subprocess.run(
+        _cli(space, *extra),
+        cwd=cwd or space.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,3 +90,22 @@ def test_a_trial_that_reached_max_t_is_completed(tmp_path, tiny_backbone, real_d
         3.0e-3: optuna.trial.TrialState.COMPLETE,
         0.0: optuna.trial.TrialState.COMPLETE,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A search in which every trial failed
+
+
+def test_a_search_whose_every_trial_failed_exits_non_zero(tmp_path, tiny_backbone, real_data_dir):
+    space = _space(
+        tmp_path,
+        tiny_backbone,
+        real_data_dir,
+        "allfail",
+        search={"sampler": "random", "num_samples": 1, "points_to_evaluate": [{"lr": 1e30}]},
+    )
+    proc = cli(space)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error: all 1 trials failed" in proc.stderr
+    df = pd.read_csv(tmp_path / "results" / "allfail" / "results.csv")
+    assert list(df["status"]) == ["error"]

@@ -181,6 +181,24 @@ BAD_FILES = [
         _space("base: {train: {selection_metric: sst_acc}}"),
         r"base\.train\.selection_metric: 'sst_acc' differs from objective\.metric 'overall'",
     ),
+    (
+        "objective-of-an-absent-task",
+        _space("base: {data: {tasks: [sst, para]}}\nobjective: {metric: sts_pearson}"),
+        r"objective\.metric: 'sts_pearson' is a metric of task sts, which is not in data\.tasks "
+        r"\(sst, para\)",
+    ),
+    (
+        "more-points-than-trials",
+        _space(
+            "search: {num_samples: 2, points_to_evaluate: [{lr: 0.001}, {lr: 0.0001}, {lr: 0.0002}]}"
+        ),
+        r"search\.points_to_evaluate: 3 points but num_samples is 2",
+    ),
+    (
+        "more-points-than-the-default-trials",
+        _space("search: {points_to_evaluate: [" + ", ".join(["{lr: 0.001}"] * 21) + "]}"),
+        r"search\.points_to_evaluate: 21 points but num_samples is 20",
+    ),
     ("invalid-yaml", "experiment: {name: t\nparameters: [\n", r"line \d+ invalid YAML"),
 ]
 

@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpaceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if summary.failed:
+        print(
+            f"error: all {len(summary.rows)} trials failed; their reasons are in results.csv",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if summary.unfinished else 0
 
 

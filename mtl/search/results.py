@@ -110,6 +110,11 @@ class Summary:
         """Whether some trial has not ended (the run was interrupted)."""
         return any(r.status == "unfinished" for r in self.rows)
 
+    @property
+    def failed(self) -> bool:
+        """Whether every trial ended in an error (nothing to rank)."""
+        return bool(self.rows) and all(r.status == "error" for r in self.rows)
+
     def best_row(self) -> TrialRow | None:
         top = self.top(1, status="completed") or self.top(1)
         return top[0] if top else None

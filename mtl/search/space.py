@@ -40,7 +40,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mtl.config import Config, ConfigError, build_config, load_yaml, merge, parse_overrides
+from mtl.config import (
+    Config,
+    ConfigError,
+    build_config,
+    load_yaml,
+    merge,
+    parse_overrides,
+    unmeasured,
+)
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
@@ -364,6 +372,9 @@ def _check(space: DesignSpace) -> None:
         base = build_config(space.base, "base")
     except ConfigError as err:
         raise SpaceError(str(err)) from None
+    problem = unmeasured(space.objective.metric, base.data.tasks)
+    if problem is not None:
+        raise _fail("objective.metric", problem)
     selection = space.base.get("train", {}).get("selection_metric")
     if selection is not None and selection != space.objective.metric:
         raise _fail(
@@ -543,6 +554,12 @@ def _check_search(space: DesignSpace, base: Config) -> None:
             raise _fail(
                 "search.points_to_evaluate", "not used by sampler grid (the grid is every point)"
             )
+    if len(search.points_to_evaluate) > space.num_samples:
+        raise _fail(
+            "search.points_to_evaluate",
+            f"{len(search.points_to_evaluate)} points but num_samples is {space.num_samples}; "
+            "every point is one trial (raise num_samples or drop points)",
+        )
     if sched.type == "asha":
         budget_params = [
             n for n in space.parameters if space.path_of(n) in ("train.epochs", "train.eval_every")
