@@ -6,7 +6,11 @@ BERT of test_search_run.py, with as few trials and evaluations as each case need
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -16,9 +20,22 @@ import yaml
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from mtl.search.scheduler import EvaluationASHA
-from tests.test_search_run import _cli, _env, run_cli, study_of, tiny_space
+from mtl.search.space import load_space
+from tests.test_search_run import (
+    _cli,
+    _env,
+    _slow_space,
+    _wait,
+    result_rows,
+    run_cli,
+    study_of,
+    tiny_space,
+    trial_dirs,
+)
 
 pytestmark = pytest.mark.slow
+
+RESUME_DIR = [sys.executable, "-m", "mtl.search", "--resume"]  # + EXPERIMENT_DIR
 
 
 def _space(root: Path, backbone: Path, data_dir: Path, name: str, **sections: dict) -> Path:
@@ -109,3 +126,147 @@ def test_a_search_whose_every_trial_failed_exits_non_zero(tmp_path, tiny_backbon
     assert "error: all 1 trials failed" in proc.stderr
     df = pd.read_csv(tmp_path / "results" / "allfail" / "results.csv")
     assert list(df["status"]) == ["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2, 3, 6, 7. A driver killed mid-trial, resumed from its folder in another directory
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), to end the Ray processes a killed driver left
+    behind (its raylet re-parents some agents, which then outlive the process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL a search started with start_new_session=True, and every Ray process it started."""
+    tree = descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, tiny_backbone, real_data_dir):
+    """A 2-trial search on a file:// storage URI, started with --set base.train.epochs=1 in one
+    directory, SIGKILLed while its second trial runs, then resumed from its folder in another."""
+    root = tmp_path_factory.mktemp("killed")
+    space = _slow_space(root, tiny_backbone, real_data_dir, "uri", num_samples=2)
+    raw = yaml.safe_load(space.read_text())
+    raw["experiment"]["storage_path"] = f"file://{root}/store"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for sub in ("a", "b", "tmp", "cache"):
+        (root / sub).mkdir()
+    # Scratch folders go to TMPDIR; Ray's own files stay in /tmp (socket paths must be short).
+    env = {
+        **_env(),
+        "TMPDIR": str(root / "tmp"),
+        "RAY_TMPDIR": "/tmp",
+        "MTL_CACHE_DIR": str(root / "cache"),
+    }
+    exp = root / "store" / "uri"
+    proc = subprocess.Popen(
+        _cli(space, "--set", "base.train.epochs=1"),
+        cwd=root / "a",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def one_done_one_running():
+            dirs = trial_dirs(exp)
+            done = [d for d in dirs if (d / "outcome.json").exists()]
+            running = [d for d in dirs if d not in done and len(result_rows(d)) >= 2]
+            return running[0] if done and running else None
+
+        interrupted = _wait(one_done_one_running, proc, 300, "a finished and a running trial")
+    finally:
+        kill_driver(proc)
+    leaked = sorted(str(p) for p in (root / "tmp").rglob("train_state.json"))
+    tb_before = sorted((interrupted / "tb").glob("events.*"))
+    refused = subprocess.run(
+        _cli(space, "--resume"),
+        cwd=root / "b",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    resumed = subprocess.run(
+        [*RESUME_DIR, f"file://{exp}", "--num-cpus", "2", "--no-dashboard"],
+        cwd=root / "b",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return {
+        "root": root,
+        "exp": exp,
+        "interrupted": interrupted,
+        "leaked": leaked,
+        "tb_before": tb_before,
+        "refused": refused,
+        "resumed": resumed,
+    }
+
+
+def test_resume_refuses_a_different_space_naming_the_key(killed_and_resumed):
+    refused, exp = killed_and_resumed["refused"], killed_and_resumed["exp"]
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        f"error: --resume: base.train.epochs is 2 here but 1 in file://{exp}/design_space.yaml, "
+        f"the space this experiment ran; resume with `python -m mtl.search --resume "
+        f"file://{exp}` (no file, no --set) or start a new experiment"
+    ]
+
+
+def test_resume_from_the_folder_finishes_the_saved_space(killed_and_resumed):
+    exp = killed_and_resumed["exp"]
+    saved = load_space(exp / "design_space.yaml")
+    assert saved.base["train"]["epochs"] == 1
+    df = pd.read_csv(exp / "results.csv")
+    assert list(df["status"]) == ["completed", "completed"]
+    assert list(df["evaluations"]) == [4, 4]  # the epochs-1 budget, also for the resumed trial
+    evaluations = [r["evaluation"] for r in result_rows(killed_and_resumed["interrupted"])]
+    assert evaluations == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_one_study_recorded_in_the_folder_whatever_the_directory(killed_and_resumed):
+    root, exp = killed_and_resumed["root"], killed_and_resumed["exp"]
+    databases = sorted(root.rglob("*.optuna.db"))
+    assert len(databases) == 1 and databases[0].is_relative_to(root / "cache" / "studies")
+    url = f"sqlite:///{databases[0]}"
+    assert load_space(exp / "design_space.yaml").experiment.study_storage == url
+    study = optuna.load_study(study_name="uri", storage=url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    df = pd.read_csv(exp / "results.csv")
+    assert list(df["optuna_state"]) == ["COMPLETE", "COMPLETE"]
+
+
+def test_no_scratch_checkpoint_is_left_after_the_resume(killed_and_resumed):
+    root = killed_and_resumed["root"]
+    # The kill left the running trial's scratch run folder (model and optimizer) behind ...
+    assert killed_and_resumed["leaked"]
+    # ... and the resumed run removed it.
+    assert not (root / "tmp" / "mtl-search").exists()

@@ -10,7 +10,8 @@ Files written into the experiment folder:
   the trial folder and the Optuna trial number and state.
 * ``best_config.yaml``: the trainer config of the best trial, runnable with ``python -m mtl.train``.
 * ``top_trials.txt``: the table printed at the end.
-* ``design_space.yaml``: the design space as it ran (after ``--set`` and ``--smoke``).
+* ``design_space.yaml`` (written before the first trial, :mod:`mtl.search.experiment`): the
+  resolved design space as it runs (after ``--set`` and ``--smoke``, every default filled in).
 * ``repeats.csv`` / ``repeats_summary.csv``: with ``search.repeats``, every run of the top
   configurations (the search's own run and one per further seed) and their mean and standard
   deviation per configuration.
@@ -39,7 +40,6 @@ from mtl.search.trainable import NONFINITE_KEY, OUTCOME_FILE, trial_config_dict,
 RESULTS_FILE = "results.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
 TOP_FILE = "top_trials.txt"
-SPACE_FILE = "design_space.yaml"  # the design space as run (after --set and --smoke)
 
 
 @dataclass
@@ -293,8 +293,6 @@ def write(summary: Summary) -> None:
     if cfg is not None:
         _write_text(summary.path, BEST_CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
     _write_text(summary.path, TOP_FILE, summary.report() + "\n")
-    space = summary.space.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    _write_text(summary.path, SPACE_FILE, yaml.safe_dump(space, sort_keys=False))
 
 
 def add_repeats(

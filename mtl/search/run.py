@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +22,33 @@ from ray.tune.schedulers import FIFOScheduler
 
 from mtl.config import build_config, merge
 from mtl.search import results as results_lib
+from mtl.search.experiment import (
+    SPACE_FILE,
+    Experiment,
+    check_same,
+    is_uri,
+    locate,
+    prepare,
+    read_saved,
+    resolve,
+    scratch_key,
+    study_exists,
+)
 from mtl.search.scheduler import EvaluationASHA
 from mtl.search.searcher import CLOSED_ATTR, STEP_KEY, PruningOptunaSearch, make_sampler
 from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
-from mtl.search.trainable import POINT_KEY, DataCache, NoRetryOnNonFinite, TrialSpec, run_trial
+from mtl.search.trainable import (
+    POINT_KEY,
+    DataCache,
+    NoRetryOnNonFinite,
+    TrialSpec,
+    remove_scratch,
+    run_trial,
+)
 
 log = logging.getLogger(__name__)
 
 SMOKE_TRIALS = 3
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """Where an experiment lives."""
-
-    name: str
-    storage_path: str  # absolute local folder or URI
-    study_url: str | None  # SQLAlchemy URL of the Optuna study (None: grid, no study)
-
-    @property
-    def path(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
-
-    @property
-    def is_local(self) -> bool:
-        return not is_uri(self.storage_path)
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def locate(space: DesignSpace) -> Experiment:
-    """Resolve the storage path and the study database of ``space``."""
-    exp = space.experiment
-    storage = exp.storage_path
-    if not is_uri(storage):
-        storage = str(Path(storage).expanduser().resolve())
-    study_url = exp.study_storage
-    if study_url is None and space.search.sampler != "grid":
-        # SQLite cannot live on object storage: keep it on the driver's disk, beside the folder.
-        folder = Path(storage) if not is_uri(storage) else Path.cwd()
-        study_url = f"sqlite:///{folder / (exp.name + '.optuna.db')}"
-    return Experiment(exp.name, storage, study_url)
 
 
 def smoke_space(space: DesignSpace, has_gpu: bool) -> DesignSpace:
@@ -182,6 +164,25 @@ def probe_storage(storage_path: str, min_nodes: int = 2, timeout_s: float = 60.0
         marker.unlink(missing_ok=True)
 
 
+@ray.remote(num_cpus=0)
+def _remove_scratch(key: str) -> None:
+    remove_scratch(key)
+
+
+def clean_scratch(exp: Experiment, timeout_s: float = 60.0) -> None:
+    """Remove the experiment's trial scratch folders on every node (none of its trials runs)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    refs = [
+        _remove_scratch.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(scratch_key(exp))
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+
 def _cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
@@ -238,6 +239,7 @@ def make_scheduler(space: DesignSpace) -> FIFOScheduler | EvaluationASHA:
 def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **kwargs: Any):
     """``fn(config, spec=TrialSpec, **kwargs)`` with the trial's resources (benchmarks wrap it)."""
     spec = TrialSpec(
+        scratch=scratch_key(locate(space)),
         base=space.trial_config({}),
         paths={name: space.path_of(name) for name in space.parameters},
         metric=space.objective.metric,
@@ -264,40 +266,6 @@ def make_run_config(space: DesignSpace, exp: Experiment, verbose: int = 1) -> tu
         callbacks=[NoRetryOnNonFinite()],
         verbose=verbose,
     )
-
-
-def _study_exists(url: str, name: str) -> bool:
-    try:
-        names = optuna.study.get_all_study_names(storage=url)
-    except Exception:  # no database yet
-        return False
-    return name in names
-
-
-def _prepare(space: DesignSpace, exp: Experiment, resume: bool, fresh: bool) -> None:
-    if exp.is_local:
-        Path(exp.storage_path).mkdir(parents=True, exist_ok=True)
-    if exp.study_url and exp.study_url.startswith("sqlite:///"):
-        Path(exp.study_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    exists = tune.Tuner.can_restore(exp.path)
-    if fresh:
-        if exp.is_local:
-            shutil.rmtree(exp.path, ignore_errors=True)
-        if exp.study_url and _study_exists(exp.study_url, exp.name):
-            optuna.delete_study(study_name=exp.name, storage=exp.study_url)
-        return
-    if resume and not exists:
-        raise SpaceError(f"--resume: no experiment to resume at {exp.path}")
-    if not resume and exists:
-        raise SpaceError(
-            f"experiment.name: {exp.path} already exists; pass --resume to continue it "
-            "or choose another name"
-        )
-    if not resume and exp.study_url and _study_exists(exp.study_url, exp.name):
-        raise SpaceError(
-            f"experiment.name: the study {exp.name!r} already exists in {exp.study_url}; "
-            "pass --resume or choose another name"
-        )
 
 
 def run_tuner(
@@ -350,7 +318,7 @@ def finish_study(exp: Experiment) -> optuna.Study | None:
     FAIL, and the study attribute ``closed_by_driver`` records it. After an interrupted run
     (Ctrl-C) nothing is closed: ``--resume`` continues those trials.
     """
-    if exp.study_url is None or not _study_exists(exp.study_url, exp.name):
+    if not study_exists(exp.study_url, exp.name):
         return None
     study = optuna.load_study(study_name=exp.name, storage=exp.study_url)
     statuses = {t.status for t in tune.ExperimentAnalysis(exp.path).trials}
@@ -385,15 +353,31 @@ def run_search(
     *,
     resume: bool = False,
     smoke: bool = False,
+    overwrite: bool = False,
     address: str | None = None,
     num_cpus: int | None = None,
     dashboard_host: str = "127.0.0.1",
     include_dashboard: bool | None = None,
     verbose: int = 1,
 ) -> results_lib.Summary:
-    """Run (or resume) the search of ``space`` and write its results; returns the summary."""
+    """Run (or resume) the search of ``space`` and write its results; returns the summary.
+
+    Raises:
+        SpaceError: a mistake found before the first trial (one line): ``--resume`` with a space
+            other than the experiment's, an existing experiment or orphaned study without
+            ``--resume``/``--overwrite``, a trial this machine cannot schedule, an unreachable
+            storage path.
+    """
     # Every trial checkpoints at every evaluation: Tune's warning about frequent snapshots is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resume:  # before Ray starts: a different space is refused at once
+        found = locate(space)
+        saved = read_saved(found.path)
+        if saved is None:
+            log.warning("%s has no %s (an older experiment): not compared", found.path, SPACE_FILE)
+        else:
+            space = resolve(space, saved.experiment.study_storage)
+            check_same(space, saved, f"{found.path}/{SPACE_FILE}")
     init_ray(address, num_cpus, dashboard_host, include_dashboard)
     if smoke:
         # On a cluster that autoscales from zero workers no GPU is there yet: keep the trial's.
@@ -401,9 +385,10 @@ def run_search(
         space = smoke_space(space, joined or _cluster_has_gpu())
     if address is None and not os.environ.get("RAY_ADDRESS"):
         check_fits(space, ray.cluster_resources())
+    space = resolve(space)
     exp = locate(space)
     probe_storage(exp.storage_path)
-    _prepare(space, exp, resume=resume, fresh=smoke)
+    restore = prepare(space, exp, resume=resume, overwrite=overwrite or smoke)
     print(f"experiment: {exp.path}")
     print(f"  tensorboard --logdir {exp.path}")
     if exp.study_url:
@@ -411,13 +396,15 @@ def run_search(
     if space.scheduler.type == "asha":
         print(make_scheduler(space).describe())
 
+    clean_scratch(exp)
     data_cache = DataCache.remote()
-    run_tuner(space, exp, resume=resume, data_cache=data_cache, verbose=verbose)
+    run_tuner(space, exp, resume=restore, data_cache=data_cache, verbose=verbose)
+    clean_scratch(exp)
     study = finish_study(exp)
     summary = results_lib.summarize(space, exp.path, study)
     print(summary.report())
     if summary.unfinished:
-        print("interrupted: continue with  python -m mtl.search <file> --resume")
+        print(f"interrupted: continue with  python -m mtl.search --resume {exp.path}")
         ray.kill(data_cache)
         return summary
     if space.search.repeats is not None:
@@ -490,7 +477,9 @@ def run_repeats(
             ),
             run_config=make_run_config(rspace, rexp, verbose),
         )
+    clean_scratch(rexp)
     tuner.fit()
+    clean_scratch(rexp)
     return results_lib.add_repeats(
         summary, rspace, rexp.path, base_seed=build_config(space.base).seed, top_k=rep.top_k
     )

@@ -3,7 +3,8 @@
 What runs where:
 
 * The trainer writes its run folder (config, metrics.json, TensorBoard events, the latest and best
-  checkpoints) into a scratch folder on the node. After every evaluation the reporter copies the
+  checkpoints) into a scratch folder on the node (:func:`scratch_root`), removed when the trial
+  ends and, for trials that died with the driver, when the experiment next starts or ends. After every evaluation the reporter copies the
   small files into the trial's working directory, which Tune syncs into the experiment folder
   (``SyncConfig(sync_artifacts=True)``), and hands the trainer's checkpoint folder to
   ``tune.report``, which copies it into the experiment folder. The model-sized ``checkpoint/``
@@ -59,6 +60,20 @@ class TrialSpec:
     metric: str  # objective metric, e.g. "overall"
     data_cache: Any = None  # DataCache actor handle; None: each trial loads its own data
     settings: dict[str, Any] = field(default_factory=dict)  # forced trainer settings (threads...)
+    scratch: str = "default"  # this experiment's folder under scratch_root() on every node
+
+
+def scratch_root() -> Path:
+    """Where trials keep their trainer run folders on the node (model and optimizer included)."""
+    return Path(tempfile.gettempdir()) / "mtl-search"
+
+
+def remove_scratch(key: str) -> None:
+    """Delete an experiment's scratch folder on this node: trials that died with the driver
+    never ran their own clean-up, and a resumed trial restores from Tune's checkpoint instead."""
+    shutil.rmtree(scratch_root() / key, ignore_errors=True)
+    with contextlib.suppress(OSError):  # other experiments' folders remain
+        scratch_root().rmdir()
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -238,9 +253,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     cfg = build_config(cfg_dict, "trial config")
     ctx = tune.get_context()
     work_dir = Path.cwd()  # Tune's trial working directory, synced as artifacts
-    run_dir = (
-        Path(tempfile.gettempdir()) / "mtl-search" / ctx.get_experiment_name() / ctx.get_trial_id()
-    )
+    run_dir = scratch_root() / spec.scratch / ctx.get_trial_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     node_id = ray.get_runtime_context().get_node_id()
     best_key = f"best_{spec.metric}"
