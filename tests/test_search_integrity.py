@@ -110,22 +110,67 @@ def test_a_trial_that_reached_max_t_is_completed(tmp_path, tiny_backbone, real_d
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. A search in which every trial failed
+# 5, 9. An orphaned study; a search in which every trial failed
 
 
-def test_a_search_whose_every_trial_failed_exits_non_zero(tmp_path, tiny_backbone, real_data_dir):
+def test_orphaned_study_is_named_and_overwrite_starts_afresh(
+    tmp_path, tiny_backbone, real_data_dir
+):
+    # Every trial of this search fails: its loss is NaN at the first step.
     space = _space(
         tmp_path,
         tiny_backbone,
         real_data_dir,
-        "allfail",
+        "orphan",
         search={"sampler": "random", "num_samples": 1, "points_to_evaluate": [{"lr": 1e30}]},
     )
-    proc = cli(space)
+    db = tmp_path / "results" / "orphan.optuna.db"
+    db.parent.mkdir()
+    optuna.create_study(study_name="orphan", storage=f"sqlite:///{db}")  # its folder deleted
+    for extra in ((), ("--resume",)):
+        proc = cli(space, *extra)
+        assert proc.returncode == 2
+        assert proc.stderr.splitlines() == [
+            f"error: experiment.name: the study 'orphan' in sqlite:///{db} has no experiment "
+            f"folder {tmp_path}/results/orphan (deleted?); pass --overwrite to delete the study "
+            "and start afresh, or choose another experiment.name"
+        ]
+    proc = cli(space, "--overwrite")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: all 1 trials failed" in proc.stderr
-    df = pd.read_csv(tmp_path / "results" / "allfail" / "results.csv")
+    df = pd.read_csv(tmp_path / "results" / "orphan" / "results.csv")
     assert list(df["status"]) == ["error"]
+    assert [t.state.name for t in study_of(space).trials] == ["FAIL"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. --smoke with a URI storage path
+
+
+def test_smoke_on_a_uri_replaces_the_previous_smoke(tmp_path, tiny_backbone, real_data_dir):
+    space = _space(
+        tmp_path,
+        tiny_backbone,
+        real_data_dir,
+        "smokeuri",
+        experiment={"name": "smokeuri", "storage_path": f"file://{tmp_path}/store"},
+    )
+    env = {**_env(), "MTL_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(2):
+        proc = subprocess.run(
+            _cli(space, "--smoke"),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    exp = tmp_path / "store" / "smokeuri-smoke"
+    assert len(pd.read_csv(exp / "results.csv")) == 3
+    assert len(trial_dirs(exp)) == 3
+    url = load_space(exp / "design_space.yaml").experiment.study_storage
+    assert len(optuna.load_study(study_name="smokeuri-smoke", storage=url).trials) == 3
 
 
 # ---------------------------------------------------------------------------------------------

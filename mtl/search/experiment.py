@@ -177,6 +177,20 @@ def check_same(given: DesignSpace, saved: DesignSpace, where: str) -> None:
         )
 
 
+def match_saved(space: DesignSpace) -> DesignSpace:
+    """``space`` resolved with its experiment's recorded study, if it is the experiment's saved
+    space; raises :class:`SpaceError` naming the first differing key otherwise."""
+    found = locate(space)
+    saved = read_saved(found.path)
+    if saved is None:
+        if _has_state(found):
+            log.warning("%s has no %s (an older experiment): not compared", found.path, SPACE_FILE)
+        return space
+    space = resolve(space, saved.experiment.study_storage)
+    check_same(space, saved, f"{found.path}/{SPACE_FILE}")
+    return space
+
+
 def _read(path: str) -> str | None:
     fs, root = _fs(path)
     try:
@@ -276,34 +290,49 @@ def _orphan(exp: Experiment) -> SpaceError:
     )
 
 
-def prepare(space: DesignSpace, exp: Experiment, *, resume: bool, overwrite: bool) -> bool:
-    """Check what exists of the experiment, save its space; True: restore Ray Tune's state.
+RESTORE, NEW, REPLACE = "restore", "new", "replace"  # what start() does with an experiment
 
-    ``overwrite`` (also ``--smoke``) deletes the folder and the study first. ``resume`` restores
-    the experiment; one that stopped before Ray Tune saved any trial (no ``experiment_state-*``
-    file) starts afresh with its saved space instead, since there is nothing to restore.
+
+def plan(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
+    """What to do with what exists of the experiment, or a one-line refusal; changes nothing.
+
+    ``overwrite`` (also ``--smoke``) replaces the folder and the study. ``resume`` restores the
+    experiment; one that stopped before Ray Tune saved any trial (no ``experiment_state-*`` file,
+    perhaps only ``tuner.pkl``) is replaced by a fresh run of its saved space, since Ray Tune would
+    restore it as a one-trial experiment.
+
+    Raises:
+        SpaceError: ``--resume`` without an experiment, an existing experiment without
+            ``--resume``, or a study whose folder is gone (both name ``--overwrite``).
     """
-    if exp.is_local:
-        Path(exp.storage_path).mkdir(parents=True, exist_ok=True)
-    if exp.study_url and exp.study_url.startswith("sqlite:///"):
-        Path(exp.study_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        remove(exp)
-    elif resume:
+        return REPLACE
+    if resume:
         if _has_state(exp):
-            return True
-        if not _folder_exists(exp):
-            if study_exists(exp.study_url, exp.name):
-                raise _orphan(exp)
-            raise SpaceError(f"--resume: no experiment to resume at {exp.path}")
-        print(f"{exp.path}: the first run stopped before any trial was saved; starting afresh")
-        remove(exp)
-    elif _folder_exists(exp):
+            return RESTORE
+        if _folder_exists(exp):
+            print(f"{exp.path}: the first run stopped before any trial was saved; starting afresh")
+            return REPLACE
+        if study_exists(exp.study_url, exp.name):
+            raise _orphan(exp)
+        raise SpaceError(f"--resume: no experiment to resume at {exp.path}")
+    if _folder_exists(exp):
         raise SpaceError(
             f"experiment.name: {exp.path} already exists; pass --resume to continue it, "
             "--overwrite to delete it and start afresh, or choose another name"
         )
-    elif study_exists(exp.study_url, exp.name):
+    if study_exists(exp.study_url, exp.name):
         raise _orphan(exp)
-    write_saved(space, exp)
-    return False
+    return NEW
+
+
+def start(space: DesignSpace, exp: Experiment, action: str) -> None:
+    """Carry out :func:`plan`'s ``action``: save the space of a new run before its first trial."""
+    if exp.is_local:
+        Path(exp.storage_path).mkdir(parents=True, exist_ok=True)
+    if exp.study_url and exp.study_url.startswith("sqlite:///"):
+        Path(exp.study_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if action == REPLACE:
+        remove(exp)
+    if action != RESTORE:
+        write_saved(space, exp)

@@ -23,15 +23,15 @@ from ray.tune.schedulers import FIFOScheduler
 from mtl.config import build_config, merge
 from mtl.search import results as results_lib
 from mtl.search.experiment import (
-    SPACE_FILE,
+    RESTORE,
     Experiment,
-    check_same,
     is_uri,
     locate,
-    prepare,
-    read_saved,
+    match_saved,
+    plan,
     resolve,
     scratch_key,
+    start,
     study_exists,
 )
 from mtl.search.scheduler import EvaluationASHA
@@ -370,25 +370,23 @@ def run_search(
     """
     # Every trial checkpoints at every evaluation: Tune's warning about frequent snapshots is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if resume:  # before Ray starts: a different space is refused at once
-        found = locate(space)
-        saved = read_saved(found.path)
-        if saved is None:
-            log.warning("%s has no %s (an older experiment): not compared", found.path, SPACE_FILE)
-        else:
-            space = resolve(space, saved.experiment.study_storage)
-            check_same(space, saved, f"{found.path}/{SPACE_FILE}")
+    # Before Ray starts, so that a refusal is one line and quick.
+    if resume:
+        space = match_saved(space)
+    if not smoke:
+        space = resolve(space)
+        action = plan(locate(space), resume=resume, overwrite=overwrite)
     init_ray(address, num_cpus, dashboard_host, include_dashboard)
     if smoke:
         # On a cluster that autoscales from zero workers no GPU is there yet: keep the trial's.
         joined = address is not None or bool(os.environ.get("RAY_ADDRESS"))
-        space = smoke_space(space, joined or _cluster_has_gpu())
+        space = resolve(smoke_space(space, joined or _cluster_has_gpu()))
+        action = plan(locate(space), resume=False, overwrite=True)
     if address is None and not os.environ.get("RAY_ADDRESS"):
         check_fits(space, ray.cluster_resources())
-    space = resolve(space)
     exp = locate(space)
     probe_storage(exp.storage_path)
-    restore = prepare(space, exp, resume=resume, overwrite=overwrite or smoke)
+    start(space, exp, action)
     print(f"experiment: {exp.path}")
     print(f"  tensorboard --logdir {exp.path}")
     if exp.study_url:
@@ -398,7 +396,7 @@ def run_search(
 
     clean_scratch(exp)
     data_cache = DataCache.remote()
-    run_tuner(space, exp, resume=restore, data_cache=data_cache, verbose=verbose)
+    run_tuner(space, exp, resume=action == RESTORE, data_cache=data_cache, verbose=verbose)
     clean_scratch(exp)
     study = finish_study(exp)
     summary = results_lib.summarize(space, exp.path, study)
