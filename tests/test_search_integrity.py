@@ -19,8 +19,11 @@ import pytest
 import yaml
 from ray.tune.schedulers.async_hyperband import _Bracket
 
+from mtl.config import METRICS
+from mtl.search import results as results_lib
+from mtl.search.results import Summary, TrialRow
 from mtl.search.scheduler import EvaluationASHA
-from mtl.search.space import load_space
+from mtl.search.space import load_space, parse_space
 from tests.test_search_run import (
     _cli,
     _env,
@@ -315,3 +318,77 @@ def test_no_scratch_checkpoint_is_left_after_the_resume(killed_and_resumed):
     assert killed_and_resumed["leaked"]
     # ... and the resumed run removed it.
     assert not (root / "tmp" / "mtl-search").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. results.csv's columns do not depend on the first trial
+
+
+def _row(trial_id: str, params: dict) -> TrialRow:
+    return TrialRow(
+        trial_id=trial_id,
+        status="completed",
+        reason="",
+        params=params,
+        best={"overall": 0.5},
+        last={"overall": 0.4},
+        epochs=1.0,
+        evaluations=2,
+        retries=0,
+        node_id="n",
+        best_checkpoint="",
+        trial_dir="",
+        optuna_number=None,
+        optuna_state="",
+    )
+
+
+def test_results_columns_are_fixed_whatever_the_first_trial(tmp_path):
+    space = parse_space(
+        {
+            "experiment": {"name": "cols"},
+            "parameters": {
+                "smart": {"path": "smart.enabled", "type": "bool"},
+                "smart_weight": {
+                    "path": "smart.weight",
+                    "type": "categorical",
+                    "choices": [1.0, 5.0],
+                    "when": {"smart": True},
+                },
+                "design": {"path": "model.design", "type": "categorical", "choices": [1, 2]},
+            },
+            "search": {"sampler": "grid"},
+            "scheduler": {"type": "fifo"},
+        }
+    )
+    # The first trial has no smart_weight (its condition failed), as in the Table 3 grid.
+    rows = [
+        _row("a", {"smart": False, "design": 1}),
+        _row("b", {"smart": True, "smart_weight": 5.0, "design": 2}),
+    ]
+    expected = [
+        "trial_id",
+        "status",
+        "reason",
+        "param.smart",
+        "param.smart_weight",
+        "param.design",
+        *(f"best.{m}" for m in METRICS),
+        *(f"last.{m}" for m in METRICS),
+        "epochs",
+        "evaluations",
+        "retries",
+        "node_id",
+        "best_checkpoint",
+        "trial_dir",
+        "optuna_number",
+        "optuna_state",
+    ]
+    for order in (rows, rows[::-1]):
+        summary = Summary(space, str(tmp_path), order)
+        results_lib.write(summary)
+        df = pd.read_csv(tmp_path / "results.csv")
+        assert list(df.columns) == expected
+    # A parameter no trial used still has its (empty) column.
+    summary = Summary(space, str(tmp_path), [rows[0]])
+    assert list(summary.frame().columns) == expected

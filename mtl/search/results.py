@@ -2,7 +2,7 @@
 
 Files written into the experiment folder:
 
-* ``results.csv``: one row per trial: its status (``completed``, ``stopped`` by ASHA or the time
+* ``results.csv``: one row per trial, in a fixed column order (:meth:`Summary.columns`): its status (``completed``, ``stopped`` by ASHA or the time
   budget, ``error``, or ``unfinished`` when the driver stopped first) and the reason, every
   parameter (columns ``param.<name>``; empty where a condition left it out), the dev metrics of
   its best evaluation by the objective (``best.*``) and of its last one (``last.*``), epochs and
@@ -119,8 +119,28 @@ class Summary:
         top = self.top(1, status="completed") or self.top(1)
         return top[0] if top else None
 
+    def columns(self) -> list[str]:
+        """results.csv's columns, whatever the trials: ``trial_id``, ``status``, ``reason``, one
+        ``param.<name>`` per parameter in the design space's order, ``best.*`` and ``last.*`` in
+        :data:`mtl.config.METRICS` order, then the trial's bookkeeping."""
+        params = [f"param.{name}" for name in self.space.parameters]
+        seen = {k for r in self.rows for k in r.flat() if k.startswith("param.")}
+        extra = sorted(seen - set(params))  # grid keys without a parameter of that name
+        fields = list(TrialRow.__dataclass_fields__)
+        tail = fields[fields.index("epochs") :]
+        return [
+            "trial_id",
+            "status",
+            "reason",
+            *params,
+            *extra,
+            *(f"best.{m}" for m in METRICS),
+            *(f"last.{m}" for m in METRICS),
+            *tail,
+        ]
+
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame([r.flat() for r in self.rows])
+        return pd.DataFrame([r.flat() for r in self.rows], columns=self.columns())
 
     def report(self, k: int = 5) -> str:
         counts = pd.Series([r.status for r in self.rows]).value_counts().to_dict()
