@@ -244,19 +244,25 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {msg}{more}"
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from exc
+    return key.strip(), value
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """Turn ``["train.lr=1e-4", "model.design=1"]`` into a nested dict; values are YAML scalars."""
     nested: dict[str, Any] = {}
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item}: expected key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from exc
+        key, value = parse_override(item)
         node = nested
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

@@ -240,6 +240,35 @@ def test_set_overrides_values_before_validation(tmp_path):
         load_space(path, ["base.train.nope=1"])
 
 
+DOTTED = """
+experiment: {name: t}
+parameters:
+  model.head_dropout: {type: float, low: 0.0, high: 0.3}
+  lr: {path: train.lr, type: float, low: 1.0e-5, high: 1.0e-3, log: true}
+"""
+
+
+def test_set_reaches_a_parameter_whose_name_has_dots(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(DOTTED)
+    space = load_space(path, ["parameters.model.head_dropout.high=0.2", "parameters.lr.low=2.0e-5"])
+    assert space.parameters["model.head_dropout"].high == 0.2
+    assert space.parameters["lr"].low == 2.0e-5
+    assert set(space.parameters) == {"model.head_dropout", "lr"}
+
+
+def test_set_of_an_unknown_dotted_parameter_says_how_to_write_it(tmp_path, capsys):
+    path = tmp_path / "space.yaml"
+    path.write_text(DOTTED)
+    assert main([str(path), "--check", "--set", "parameters.model.encoder_dropout.high=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: {path} (with --set): parameters.model: no type (categorical, bool, int or "
+        "float); --set reaches a parameter whose name has dots only if the file has it: add a "
+        "new one with a plain name and path: a.b"
+    ]
+
+
 def test_good_file_is_valid(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(_space())

@@ -27,8 +27,8 @@ import optuna
 import pyarrow.fs
 import yaml
 
-from mtl.config import ConfigError, build_config, merge, parse_overrides
-from mtl.search.space import DesignSpace, SpaceError, parse_space
+from mtl.config import ConfigError, build_config, merge
+from mtl.search.space import DesignSpace, SpaceError, apply_overrides, parse_space
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
     raw = yaml.safe_load(text) or {}
     if overrides:
         try:
-            raw = merge(raw, parse_overrides(overrides))
+            raw = apply_overrides(raw, overrides)
         except ConfigError as err:
             raise SpaceError(str(err)) from None
         where += " (with --set)"
