@@ -312,6 +312,20 @@ def test_one_study_recorded_in_the_folder_whatever_the_directory(killed_and_resu
     assert list(df["optuna_state"]) == ["COMPLETE", "COMPLETE"]
 
 
+def test_tensorboard_holds_one_point_per_step_after_the_resume(killed_and_resumed):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    interrupted = killed_and_resumed["interrupted"]
+    assert killed_and_resumed["tb_before"]  # the lost attempt's events, mirrored before the kill
+    acc = EventAccumulator(str(interrupted / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
+    reports = [r for r in result_rows(interrupted) if "evaluation" in r]
+    assert [e.step for e in acc.Scalars("dev/overall")] == [int(r["step"]) for r in reports]
+
+
 def test_no_scratch_checkpoint_is_left_after_the_resume(killed_and_resumed):
     root = killed_and_resumed["root"]
     # The kill left the running trial's scratch run folder (model and optimizer) behind ...

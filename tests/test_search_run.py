@@ -383,6 +383,18 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, tiny_backb
     # Resumed from the last checkpoint: no evaluation repeated, none lost.
     assert evaluations == [float(i) for i in range(1, 9)]
     assert len({r["pid"] for r in result_rows(trial)}) == 2
+    assert_one_point_per_step(trial / "tb")
+
+
+def assert_one_point_per_step(tb: Path) -> None:
+    """The trainer's TensorBoard events of a trial: no step written twice by two attempts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
 
 
 def test_killed_driver_then_resume_finishes_without_rerunning(

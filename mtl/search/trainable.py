@@ -243,6 +243,20 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
+def _purge_tensorboard(tb_dir: Path, checkpoint_dir: Path) -> None:
+    """Drop the lost attempt's TensorBoard points after the checkpoint it resumes from.
+
+    The trial folder keeps the event file mirrored from the attempt that failed, which may hold
+    steps after its last checkpoint; the resumed trainer writes those steps again. An event file
+    that starts with TensorBoard's ``purge_step`` (a ``SessionLog.START`` at the first step the
+    resumed run writes) makes TensorBoard discard every earlier point from that step on.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    state = json.loads((checkpoint_dir / "train_state.json").read_text())
+    SummaryWriter(log_dir=str(tb_dir), purge_step=int(state["step"]) + 1).close()
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The function Tune runs for each trial."""
     from mtl.train import NonFiniteLossError, train
@@ -262,9 +276,12 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     resume_from = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
+        # A retry on this node finds the failed attempt's run folder, with events logged after
+        # its last checkpoint: start clean from Tune's checkpoint instead.
+        shutil.rmtree(run_dir, ignore_errors=True)
         resume_from = run_dir / "resume"
-        shutil.rmtree(resume_from, ignore_errors=True)
         checkpoint.to_directory(str(resume_from))
+        _purge_tensorboard(run_dir / "tb", resume_from)
 
     data = _shared_data(spec, cfg_dict)
     weights = _shared_weights(spec, cfg.model.backbone)
