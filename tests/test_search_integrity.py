@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -332,6 +333,51 @@ def test_no_scratch_checkpoint_is_left_after_the_resume(killed_and_resumed):
     assert killed_and_resumed["leaked"]
     # ... and the resumed run removed it.
     assert not (root / "tmp" / "mtl-search").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A driver killed before Ray Tune saved any trial
+
+
+def test_resume_after_a_crash_before_the_first_experiment_state_runs_the_whole_search(
+    tmp_path, tiny_backbone, real_data_dir
+):
+    space = _space(
+        tmp_path,
+        tiny_backbone,
+        real_data_dir,
+        "early",
+        search={
+            "sampler": "tpe",
+            "num_samples": 2,
+            "max_concurrent_trials": 1,
+            "points_to_evaluate": [{"lr": 1e-3}, {"lr": 3e-3}],
+        },
+    )
+    exp = tmp_path / "results" / "early"
+    proc = subprocess.Popen(
+        _cli(space),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (exp / "tuner.pkl").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        kill_driver(proc)
+    assert (exp / "tuner.pkl").exists()
+    assert not list(exp.glob("experiment_state-*.json")), "killed too late to test this case"
+    proc = cli(exp, "--resume")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "starting afresh" in proc.stdout
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 2 and set(df["status"]) <= {"completed", "stopped"}
+    assert len(study_of(space).trials) == 2
 
 
 # ---------------------------------------------------------------------------------------------
