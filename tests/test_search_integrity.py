@@ -381,6 +381,57 @@ def test_resume_after_a_crash_before_the_first_experiment_state_runs_the_whole_s
 
 
 # ---------------------------------------------------------------------------------------------
+# 13. ASHA's rung records after a resume
+
+
+def test_asha_after_a_resume_still_stops_by_the_first_runs_results(
+    tmp_path, tiny_backbone, real_data_dir
+):
+    # lr 0 cannot learn: at rung 1 it is below the lr 1e-3 trial of the first run, and only that
+    # record (lost with the scheduler when the driver died) can stop it.
+    space = _space(
+        tmp_path,
+        tiny_backbone,
+        real_data_dir,
+        "rungs",
+        search={
+            "sampler": "tpe",
+            "num_samples": 2,
+            "max_concurrent_trials": 1,
+            "points_to_evaluate": [{"lr": 1e-3, "pooling": "cls"}, {"lr": 0.0, "pooling": "cls"}],
+        },
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    )
+    exp = tmp_path / "results" / "rungs"
+    proc = subprocess.Popen(
+        _cli(space),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def first_done():
+            done = [d for d in trial_dirs(exp) if (d / "outcome.json").exists()]
+            return done[0] if done else None
+
+        first = _wait(first_done, proc, 300, "the first trial to finish")
+    finally:
+        kill_driver(proc)
+    others = [d for d in trial_dirs(exp) if d != first and result_rows(d)]
+    assert not others, "killed too late: the second trial had reported already"
+    proc = cli(exp, "--resume")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    df = pd.read_csv(exp / "results.csv").set_index("param.lr")
+    assert df.loc[1e-3, "status"] == "completed"
+    assert (df.loc[0.0, "status"], df.loc[0.0, "reason"]) == ("stopped", "ASHA")
+    assert df.loc[0.0, "evaluations"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # 12. results.csv's columns do not depend on the first trial
 
 
