@@ -10,6 +10,7 @@ key (:class:`ConfigError`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,6 +220,11 @@ class Config(_Section):
     pal: PalConfig = PalConfig()
     contrastive: ContrastiveConfig = ContrastiveConfig()
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict (tuples become lists)."""
+        return self.model_dump(mode="json")
+
+    # A check across sections: the error names its key (see _format_error).
     @model_validator(mode="after")
     def _selection_metric_measured(self) -> Config:
         problem = unmeasured(self.train.selection_metric, self.data.tasks)
@@ -226,18 +232,19 @@ class Config(_Section):
             raise ValueError(f"train.selection_metric: {problem}")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML-safe dict (tuples become lists)."""
-        return self.model_dump(mode="json")
-
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"]
     if not first["loc"] and first["type"] == "value_error":
-        # A check across sections names its own key: "train.selection_metric: ..."
-        key, msg = str(first["ctx"]["error"]).split(": ", 1)
+        # A check across sections names its own key ("train.selection_metric: ...") or none.
+        text = str(first["ctx"]["error"])
+        named, sep, rest = text.partition(": ")
+        if sep and re.fullmatch(r"[A-Za-z_][\w.]*", named):
+            key, msg = named, rest
+        else:
+            return f"{source}: {text}"
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

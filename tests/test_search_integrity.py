@@ -6,9 +6,6 @@ BERT of test_search_run.py, with as few trials and evaluations as each case need
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +27,7 @@ from tests.test_search_run import (
     _env,
     _slow_space,
     _wait,
+    kill_driver,
     result_rows,
     run_cli,
     study_of,
@@ -179,36 +177,6 @@ def test_smoke_on_a_uri_replaces_the_previous_smoke(tmp_path, tiny_backbone, rea
 
 # ---------------------------------------------------------------------------------------------
 # 2, 3, 6, 7. A driver killed mid-trial, resumed from its folder in another directory
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc), to end the Ray processes a killed driver left
-    behind (its raylet re-parents some agents, which then outlive the process group)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def kill_driver(proc: subprocess.Popen) -> None:
-    """SIGKILL a search started with start_new_session=True, and every Ray process it started."""
-    tree = descendants(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
