@@ -9,9 +9,11 @@ An experiment is the folder ``<storage_path>/<name>`` (a local or shared folder,
   object storage), ``$MTL_CACHE_DIR/studies/<hash of the URI>/<name>.optuna.db`` (default
   ``~/.cache/mtl``) on the driver, whatever the working directory.
 * The resolved space is written into the folder as ``design_space.yaml`` before the first trial
-  (:func:`prepare`). ``--resume`` reads it back: a design-space file whose space differs from it is
+  (:func:`start`, after :func:`plan` has checked what exists). ``--resume`` reads it back: a design-space file whose space differs from it is
   refused naming the first differing key (:func:`check_same`), and ``python -m mtl.search --resume
   EXPERIMENT_DIR`` resumes from it alone (:func:`load_saved`).
+* :func:`scratch_key` names the experiment's scratch folder on every node (see
+  :mod:`mtl.search.trainable`), so that the driver can remove what killed trials left there.
 """
 
 from __future__ import annotations
