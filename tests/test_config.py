@@ -60,19 +60,6 @@ def test_bad_config_is_one_line_naming_the_key(
     assert "\n" not in str(info.value)
 
 
-def test_cli_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
-    path = tmp_path / "bad.yaml"
-    path.write_text("train:\n  epochs: -1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtl.train", str(path)], capture_output=True, text=True
-    )
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {path}: train.epochs: Input should be greater than 0"
-    ]
-
-
 def test_cli_refuses_a_selection_metric_its_tasks_cannot_produce(tmp_path: Path) -> None:
     # Before any data is read or any run folder made (it used to train up to its first evaluation).
     proc = subprocess.run(
@@ -95,4 +82,17 @@ def test_cli_refuses_a_selection_metric_its_tasks_cannot_produce(tmp_path: Path)
     assert proc.stderr.strip().splitlines() == [
         "error: config (with --set): train.selection_metric: 'sts_pearson' is a metric of task "
         "sts, which is not in data.tasks (sst, para)"
+    ]
+
+
+def test_cli_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtl.train", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}: train.epochs: Input should be greater than 0"
     ]
