@@ -35,6 +35,7 @@ from mtl.search.space import DesignSpace, SpaceError, apply_overrides, parse_spa
 log = logging.getLogger(__name__)
 
 SPACE_FILE = "design_space.yaml"  # the resolved design space, written before the first trial
+REPEATS_SUFFIX = "-repeats"  # <name>-repeats: the seed repeats of the top configurations
 STATE_PREFIX = "experiment_state-"  # Ray Tune's experiment state files: what --resume restores
 # Keys that locate the experiment: they are how its saved space was found, not part of the search.
 _LOCATION_KEYS = ("experiment.name", "experiment.storage_path")
@@ -276,10 +277,11 @@ def _has_state(exp: Experiment) -> bool:
 
 
 def remove(exp: Experiment) -> None:
-    """Delete the experiment folder (local or URI) and its study."""
-    fs, root = _fs(exp.path)
-    if fs.get_file_info(root).type != pyarrow.fs.FileType.NotFound:
-        fs.delete_dir(root)
+    """Delete the experiment folder (local or URI), its seed repeats' folder and its study."""
+    for path in (exp.path, exp.path + REPEATS_SUFFIX):
+        fs, root = _fs(path)
+        if fs.get_file_info(root).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(root)
     if study_exists(exp.study_url, exp.name):
         optuna.delete_study(study_name=exp.name, storage=exp.study_url)
 

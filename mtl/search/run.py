@@ -1,8 +1,10 @@
 """Run a design space with Ray Tune: OptunaSearch (define-by-run) or grid, ASHA or FIFO.
 
-``run_search`` starts (or joins) Ray, checks that every node can reach the storage path, starts
-the data cache, builds the Tuner (or restores it with ``resume=True``), runs it and writes the
-results (:mod:`mtl.search.results`), then the seed repeats of the best configurations.
+``run_search`` checks what exists of the experiment (:mod:`mtl.search.experiment`: a resume must
+run the space the experiment saved), starts (or joins) Ray, checks that every node can reach the
+storage path, saves the resolved space, starts the data cache, builds the Tuner (or restores it
+with ``resume=True``), runs it and writes the results (:mod:`mtl.search.results`), then the seed
+repeats of the best configurations.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ray.tune.schedulers import FIFOScheduler
 from mtl.config import build_config, merge
 from mtl.search import results as results_lib
 from mtl.search.experiment import (
+    REPEATS_SUFFIX,
     RESTORE,
     Experiment,
     is_uri,
@@ -421,7 +424,7 @@ def repeats_space(space: DesignSpace, summary: results_lib.Summary) -> DesignSpa
     return space.model_copy(
         update={
             "experiment": space.experiment.model_copy(
-                update={"name": space.experiment.name + "-repeats"}
+                update={"name": space.experiment.name + REPEATS_SUFFIX}
             ),
             "search": space.search.model_copy(
                 update={
