@@ -8,7 +8,8 @@ What is read (see :mod:`mtl.search.results` for ``results.csv``'s columns):
   evaluation (a trial's learning curve, also for trials ASHA stopped).
 * ``EXP/<trial>/config.yaml``: the trainer config the trial ran (the trainer writes it).
 * ``EXP/repeats.csv``, ``EXP/repeats_summary.csv``: seed repeats of the top configurations.
-* ``<storage>/<name>.optuna.db``: the Optuna study (exact parameter values and searched ranges).
+* The Optuna study (exact parameter values and searched ranges): where ``EXP/design_space.yaml``
+  records it (``experiment.study_storage``), else ``<storage>/<name>.optuna.db``.
 * The design-space file, when it can be found (``--space``, ``EXP/design_space.yaml``, or a YAML
   file whose ``experiment`` section names this folder): the objective, ASHA's rungs and the
   parameters' conditions. Without it the analyses still run and say what they could not know.

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from analysis.common import AnalysisError, load_experiment, out_dir, run_main, top_trial_ids
-from mtl.config import ConfigError, add_set_argument, merge, parse_overrides
-from mtl.search.space import DesignSpace, parse_space
+from mtl.config import ConfigError, add_set_argument
+from mtl.search.space import DesignSpace, apply_overrides, parse_space
 
 RETRAIN_FILE = "retrain.yaml"
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = retrain_space(exp.space, points, name)
     path = Path(args.out) if args.out else out_dir(exp, None) / RETRAIN_FILE
     try:  # the file as mtl.search will read it, overrides included, before anything is written
-        raw = merge(raw, parse_overrides(args.overrides))
+        raw = apply_overrides(raw, args.overrides)
         space = parse_space(raw, f"{path} (with --set)" if args.overrides else str(path))
     except ConfigError as err:
         raise AnalysisError(str(err)) from None

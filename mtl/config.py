@@ -10,6 +10,7 @@ key (:class:`ConfigError`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 TASKS: tuple[str, ...] = ("sst", "para", "sts")
 METRICS: tuple[str, ...] = ("overall", "sst_acc", "para_acc", "sts_pearson")
+# The dev metric each task produces; "overall" is the mean over the configured tasks.
+TASK_METRICS: dict[str, str] = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}
+
+
+def unmeasured(metric: str, tasks: tuple[str, ...] | list[str]) -> str | None:
+    """Why ``metric`` cannot be measured when training ``tasks`` (None: it can)."""
+    task = {m: t for t, m in TASK_METRICS.items()}.get(metric)
+    if task is None or task in tasks:
+        return None
+    return f"{metric!r} is a metric of task {task}, which is not in data.tasks ({', '.join(tasks)})"
 
 
 class ConfigError(ValueError):
@@ -235,30 +246,52 @@ class Config(_Section):
         """Plain, YAML-safe dict (tuples become lists)."""
         return self.model_dump(mode="json")
 
+    # A check across sections: the error names its key (see _format_error).
+    @model_validator(mode="after")
+    def _selection_metric_measured(self) -> Config:
+        problem = unmeasured(self.train.selection_metric, self.data.tasks)
+        if problem is not None:
+            raise ValueError(f"train.selection_metric: {problem}")
+        return self
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"]
+    if not first["loc"] and first["type"] == "value_error":
+        # A check across sections names its own key ("train.selection_metric: ...") or none.
+        text = str(first["ctx"]["error"])
+        named, sep, rest = text.partition(": ")
+        if sep and re.fullmatch(r"[A-Za-z_][\w.]*", named):
+            key, msg = named, rest
+        else:
+            return f"{source}: {text}"
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {key}: {msg}{more}"
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from exc
+    return key.strip(), value
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """Turn ``["train.lr=1e-4", "model.design=1"]`` into a nested dict; values are YAML scalars."""
     nested: dict[str, Any] = {}
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item}: expected key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from exc
+        key, value = parse_override(item)
         node = nested
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

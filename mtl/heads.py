@@ -24,7 +24,7 @@ from scipy import stats
 from torch import nn
 
 from mtl.bert import BertModel
-from mtl.config import ModelConfig
+from mtl.config import TASK_METRICS, ModelConfig
 from mtl.data import Batch
 
 NUM_SENTIMENT_CLASSES = 5
@@ -229,7 +229,7 @@ def task_metric(task: str, pred: np.ndarray, gold: np.ndarray) -> float | None:
     return float((np.asarray(pred) == np.asarray(gold)).mean())
 
 
-METRIC_NAMES = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}
+METRIC_NAMES = TASK_METRICS
 
 
 def overall_score(metrics: Mapping[str, float | None]) -> float:

@@ -696,7 +696,10 @@ def test_report_links_every_plot_and_table(analysis_experiments):
     from mtl.search.space import load_space
 
     original = load_space(analysis_experiments.search_space)
-    assert load_space(rerun.group(1)) == original
+    # The copy is the resolved space: every default filled in, the study's location recorded.
+    from mtl.search.experiment import canonical, resolve
+
+    assert canonical(load_space(rerun.group(1))) == canonical(resolve(original))
     assert "python -m analysis.ensemble" in text and "--top-k 2" in text
     # Figure 4: the label counts plotted are those of the ensemble's dev predictions and gold.
     sst = read_predictions(folder / "ensemble" / "sst-dev-output.csv")

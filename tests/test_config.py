@@ -42,6 +42,12 @@ def test_overrides_parse_yaml_scalars(tmp_path: Path) -> None:
         ("model: [\n", None, r"invalid YAML"),
         ("", "train.nope=1", r"train\.nope: unknown key"),
         ("", "train.lr", r"expected key=value"),
+        (
+            "data:\n  tasks: [sst, para]\ntrain:\n  selection_metric: sts_pearson\n",
+            None,
+            r"bad\.yaml: train\.selection_metric: 'sts_pearson' is a metric of task sts, which is "
+            r"not in data\.tasks \(sst, para\)$",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(
@@ -52,6 +58,31 @@ def test_bad_config_is_one_line_naming_the_key(
     with pytest.raises(ConfigError, match=match) as info:
         load_config(path, [override] if override else None)
     assert "\n" not in str(info.value)
+
+
+def test_cli_refuses_a_selection_metric_its_tasks_cannot_produce(tmp_path: Path) -> None:
+    # Before any data is read or any run folder made (it used to train up to its first evaluation).
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtl.train",
+            "--set",
+            "data.tasks=[sst, para]",
+            "--set",
+            "train.selection_metric=sts_pearson",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert not (tmp_path / "runs").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: config (with --set): train.selection_metric: 'sts_pearson' is a metric of task "
+        "sts, which is not in data.tasks (sst, para)"
+    ]
 
 
 def test_cli_config_error_exits_2_without_traceback(tmp_path: Path) -> None:

@@ -344,6 +344,36 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str):
     pytest.fail(f"timed out waiting for {what}")
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), to end the Ray processes a killed driver left
+    behind (its raylet re-parents some agents, which then outlive the process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL a search started with start_new_session=True, and every Ray process it started."""
+    tree = descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _slow_space(root: Path, backbone: Path, data_dir: Path, name: str, num_samples: int) -> Path:
     path = tiny_space(root, backbone, data_dir, name)
     raw = yaml.safe_load(path.read_text())
@@ -383,6 +413,18 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, tiny_backb
     # Resumed from the last checkpoint: no evaluation repeated, none lost.
     assert evaluations == [float(i) for i in range(1, 9)]
     assert len({r["pid"] for r in result_rows(trial)}) == 2
+    assert_one_point_per_step(trial / "tb")
+
+
+def assert_one_point_per_step(tb: Path) -> None:
+    """The trainer's TensorBoard events of a trial: no step written twice by two attempts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
 
 
 def test_killed_driver_then_resume_finishes_without_rerunning(
@@ -400,11 +442,8 @@ def test_killed_driver_then_resume_finishes_without_rerunning(
             return (done, running) if len(done) >= 2 and running else None
 
         done, running = _wait(two_done_and_third_running, proc, 300, "two finished trials")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_driver(proc)  # and the Ray agents a SIGKILLed driver leaves running
     time.sleep(2)
     before = {d.name: (d / "result.json").read_text() for d in trial_dirs(exp)}
     finished_mtime = {d.name: (d / "outcome.json").stat().st_mtime for d in done}

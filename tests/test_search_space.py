@@ -181,6 +181,24 @@ BAD_FILES = [
         _space("base: {train: {selection_metric: sst_acc}}"),
         r"base\.train\.selection_metric: 'sst_acc' differs from objective\.metric 'overall'",
     ),
+    (
+        "objective-of-an-absent-task",
+        _space("base: {data: {tasks: [sst, para]}}\nobjective: {metric: sts_pearson}"),
+        r"objective\.metric: 'sts_pearson' is a metric of task sts, which is not in data\.tasks "
+        r"\(sst, para\)",
+    ),
+    (
+        "more-points-than-trials",
+        _space(
+            "search: {num_samples: 2, points_to_evaluate: [{lr: 0.001}, {lr: 0.0001}, {lr: 0.0002}]}"
+        ),
+        r"search\.points_to_evaluate: 3 points but num_samples is 2",
+    ),
+    (
+        "more-points-than-the-default-trials",
+        _space("search: {points_to_evaluate: [" + ", ".join(["{lr: 0.001}"] * 21) + "]}"),
+        r"search\.points_to_evaluate: 21 points but num_samples is 20",
+    ),
     ("invalid-yaml", "experiment: {name: t\nparameters: [\n", r"line \d+ invalid YAML"),
 ]
 
@@ -220,6 +238,35 @@ def test_set_overrides_values_before_validation(tmp_path):
     assert space.experiment.name == "other"
     with pytest.raises(SpaceError, match=r"\(with --set\): base: train\.nope: unknown key"):
         load_space(path, ["base.train.nope=1"])
+
+
+DOTTED = """
+experiment: {name: t}
+parameters:
+  model.head_dropout: {type: float, low: 0.0, high: 0.3}
+  lr: {path: train.lr, type: float, low: 1.0e-5, high: 1.0e-3, log: true}
+"""
+
+
+def test_set_reaches_a_parameter_whose_name_has_dots(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(DOTTED)
+    space = load_space(path, ["parameters.model.head_dropout.high=0.2", "parameters.lr.low=2.0e-5"])
+    assert space.parameters["model.head_dropout"].high == 0.2
+    assert space.parameters["lr"].low == 2.0e-5
+    assert set(space.parameters) == {"model.head_dropout", "lr"}
+
+
+def test_set_of_an_unknown_dotted_parameter_says_how_to_write_it(tmp_path, capsys):
+    path = tmp_path / "space.yaml"
+    path.write_text(DOTTED)
+    assert main([str(path), "--check", "--set", "parameters.model.encoder_dropout.high=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: {path} (with --set): parameters.model: no type (categorical, bool, int or "
+        "float); --set reaches a parameter whose name has dots only if the file has it: add a "
+        "new one with a plain name and path: a.b"
+    ]
 
 
 def test_good_file_is_valid(tmp_path):

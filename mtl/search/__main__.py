@@ -1,12 +1,15 @@
-"""``python -m mtl.search DESIGN_SPACE.yaml [--resume] [--smoke] [--address auto]``."""
+"""``python -m mtl.search DESIGN_SPACE.yaml [--smoke | --overwrite] [--address auto]``, or
+``python -m mtl.search --resume EXPERIMENT_DIR``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from mtl.config import add_set_argument
+from mtl.search.experiment import is_uri, load_saved
 from mtl.search.space import SpaceError, load_space
 
 
@@ -15,9 +18,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mtl.search",
         description="Search a design space of multitask BERT with Ray Tune, Optuna and ASHA.",
     )
-    parser.add_argument("space", help="design-space YAML file (e.g. search_spaces/quick.yaml)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue the interrupted experiment of this file"
+        "space",
+        help="design-space YAML file (e.g. search_spaces/quick.yaml), or with --resume an "
+        "experiment folder (e.g. ray_results/quick)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted experiment of this folder (or file: it must be the space "
+        "the experiment saved)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the experiment folder and Optuna study of this name, then start afresh",
     )
     parser.add_argument(
         "--smoke",
@@ -37,17 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-dashboard", action="store_true", help="start no Ray dashboard")
     parser.add_argument("--check", action="store_true", help="validate the file and exit")
-    add_set_argument(parser, "base.model.backbone=minilm; give the same ones again with --resume")
+    add_set_argument(parser, "base.model.backbone=minilm")
     args = parser.parse_args(argv)
 
     try:
-        space = load_space(args.space, args.overrides)
+        if Path(args.space).is_dir() or is_uri(args.space):
+            if not args.resume:
+                raise SpaceError(
+                    f"{args.space}: a folder; pass --resume to continue its experiment"
+                )
+            space = load_saved(args.space, args.overrides)
+        else:
+            space = load_space(args.space, args.overrides)
     except SpaceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.smoke and args.resume:
-        print("error: --smoke starts afresh; it cannot be combined with --resume", file=sys.stderr)
-        return 2
+    for flag in ("smoke", "overwrite"):
+        if getattr(args, flag) and args.resume:
+            print(
+                f"error: --{flag} starts afresh; it cannot be combined with --resume",
+                file=sys.stderr,
+            )
+            return 2
     if args.check:
         print(f"{args.space}: ok ({len(space.parameters)} parameters)")
         return 0
@@ -60,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             space,
             resume=args.resume,
             smoke=args.smoke,
+            overwrite=args.overwrite,
             address=args.address,
             num_cpus=args.num_cpus,
             dashboard_host=args.dashboard_host,
@@ -68,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpaceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if summary.failed:
+        print(
+            f"error: all {len(summary.rows)} trials failed; their reasons are in results.csv",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if summary.unfinished else 0
 
 

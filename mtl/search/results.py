@@ -2,7 +2,7 @@
 
 Files written into the experiment folder:
 
-* ``results.csv``: one row per trial: its status (``completed``, ``stopped`` by ASHA or the time
+* ``results.csv``: one row per trial, in a fixed column order (:meth:`Summary.columns`): its status (``completed``, ``stopped`` by ASHA or the time
   budget, ``error``, or ``unfinished`` when the driver stopped first) and the reason, every
   parameter (columns ``param.<name>``; empty where a condition left it out), the dev metrics of
   its best evaluation by the objective (``best.*``) and of its last one (``last.*``), epochs and
@@ -10,7 +10,8 @@ Files written into the experiment folder:
   the trial folder and the Optuna trial number and state.
 * ``best_config.yaml``: the trainer config of the best trial, runnable with ``python -m mtl.train``.
 * ``top_trials.txt``: the table printed at the end.
-* ``design_space.yaml``: the design space as it ran (after ``--set`` and ``--smoke``).
+* ``design_space.yaml`` (written before the first trial, :mod:`mtl.search.experiment`): the
+  resolved design space as it runs (after ``--set`` and ``--smoke``, every default filled in).
 * ``repeats.csv`` / ``repeats_summary.csv``: with ``search.repeats``, every run of the top
   configurations (the search's own run and one per further seed) and their mean and standard
   deviation per configuration.
@@ -39,7 +40,6 @@ from mtl.search.trainable import NONFINITE_KEY, OUTCOME_FILE, trial_config_dict,
 RESULTS_FILE = "results.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
 TOP_FILE = "top_trials.txt"
-SPACE_FILE = "design_space.yaml"  # the design space as run (after --set and --smoke)
 
 
 @dataclass
@@ -110,12 +110,37 @@ class Summary:
         """Whether some trial has not ended (the run was interrupted)."""
         return any(r.status == "unfinished" for r in self.rows)
 
+    @property
+    def failed(self) -> bool:
+        """Whether every trial ended in an error (nothing to rank)."""
+        return bool(self.rows) and all(r.status == "error" for r in self.rows)
+
     def best_row(self) -> TrialRow | None:
         top = self.top(1, status="completed") or self.top(1)
         return top[0] if top else None
 
+    def columns(self) -> list[str]:
+        """results.csv's columns, whatever the trials: ``trial_id``, ``status``, ``reason``, one
+        ``param.<name>`` per parameter in the design space's order, ``best.*`` and ``last.*`` in
+        :data:`mtl.config.METRICS` order, then the trial's bookkeeping."""
+        params = [f"param.{name}" for name in self.space.parameters]
+        seen = {k for r in self.rows for k in r.flat() if k.startswith("param.")}
+        extra = sorted(seen - set(params))  # grid keys without a parameter of that name
+        fields = list(TrialRow.__dataclass_fields__)
+        tail = fields[fields.index("epochs") :]
+        return [
+            "trial_id",
+            "status",
+            "reason",
+            *params,
+            *extra,
+            *(f"best.{m}" for m in METRICS),
+            *(f"last.{m}" for m in METRICS),
+            *tail,
+        ]
+
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame([r.flat() for r in self.rows])
+        return pd.DataFrame([r.flat() for r in self.rows], columns=self.columns())
 
     def report(self, k: int = 5) -> str:
         counts = pd.Series([r.status for r in self.rows]).value_counts().to_dict()
@@ -288,8 +313,6 @@ def write(summary: Summary) -> None:
     if cfg is not None:
         _write_text(summary.path, BEST_CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
     _write_text(summary.path, TOP_FILE, summary.report() + "\n")
-    space = summary.space.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    _write_text(summary.path, SPACE_FILE, yaml.safe_dump(space, sort_keys=False))
 
 
 def add_repeats(

@@ -1,8 +1,10 @@
 """Run a design space with Ray Tune: OptunaSearch (define-by-run) or grid, ASHA or FIFO.
 
-``run_search`` starts (or joins) Ray, checks that every node can reach the storage path, starts
-the data cache, builds the Tuner (or restores it with ``resume=True``), runs it and writes the
-results (:mod:`mtl.search.results`), then the seed repeats of the best configurations.
+``run_search`` checks what exists of the experiment (:mod:`mtl.search.experiment`: a resume must
+run the space the experiment saved), starts (or joins) Ray, checks that every node can reach the
+storage path, saves the resolved space, starts the data cache, builds the Tuner (or restores it
+with ``resume=True``), runs it and writes the results (:mod:`mtl.search.results`), then the seed
+repeats of the best configurations.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,52 +20,38 @@ import optuna
 import ray
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
 from mtl.config import build_config, merge
 from mtl.search import results as results_lib
-from mtl.search.searcher import CLOSED_ATTR, PruningOptunaSearch, make_sampler
+from mtl.search.experiment import (
+    REPEATS_SUFFIX,
+    RESTORE,
+    Experiment,
+    is_uri,
+    locate,
+    match_saved,
+    plan,
+    resolve,
+    scratch_key,
+    start,
+    study_exists,
+)
+from mtl.search.scheduler import EvaluationASHA
+from mtl.search.searcher import CLOSED_ATTR, STEP_KEY, PruningOptunaSearch, make_sampler
 from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
-from mtl.search.trainable import POINT_KEY, DataCache, NoRetryOnNonFinite, TrialSpec, run_trial
+from mtl.search.trainable import (
+    POINT_KEY,
+    DataCache,
+    NoRetryOnNonFinite,
+    TrialSpec,
+    remove_scratch,
+    run_trial,
+)
 
 log = logging.getLogger(__name__)
 
 SMOKE_TRIALS = 3
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """Where an experiment lives."""
-
-    name: str
-    storage_path: str  # absolute local folder or URI
-    study_url: str | None  # SQLAlchemy URL of the Optuna study (None: grid, no study)
-
-    @property
-    def path(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
-
-    @property
-    def is_local(self) -> bool:
-        return not is_uri(self.storage_path)
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def locate(space: DesignSpace) -> Experiment:
-    """Resolve the storage path and the study database of ``space``."""
-    exp = space.experiment
-    storage = exp.storage_path
-    if not is_uri(storage):
-        storage = str(Path(storage).expanduser().resolve())
-    study_url = exp.study_storage
-    if study_url is None and space.search.sampler != "grid":
-        # SQLite cannot live on object storage: keep it on the driver's disk, beside the folder.
-        folder = Path(storage) if not is_uri(storage) else Path.cwd()
-        study_url = f"sqlite:///{folder / (exp.name + '.optuna.db')}"
-    return Experiment(exp.name, storage, study_url)
 
 
 def smoke_space(space: DesignSpace, has_gpu: bool) -> DesignSpace:
@@ -181,6 +167,25 @@ def probe_storage(storage_path: str, min_nodes: int = 2, timeout_s: float = 60.0
         marker.unlink(missing_ok=True)
 
 
+@ray.remote(num_cpus=0)
+def _remove_scratch(key: str) -> None:
+    remove_scratch(key)
+
+
+def clean_scratch(exp: Experiment, timeout_s: float = 60.0) -> None:
+    """Remove the experiment's trial scratch folders on every node (none of its trials runs)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    refs = [
+        _remove_scratch.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(scratch_key(exp))
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+
 def _cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
@@ -220,25 +225,24 @@ def make_searcher(space: DesignSpace, study_url: str) -> PruningOptunaSearch:
     )
 
 
-def make_scheduler(space: DesignSpace):
+def make_scheduler(space: DesignSpace) -> FIFOScheduler | EvaluationASHA:
     sched = space.scheduler
     if sched.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="evaluation",
+    return EvaluationASHA(
+        time_attr=STEP_KEY,
         metric=f"best_{space.objective.metric}",
         mode=space.objective.mode,
         max_t=space.max_t,
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
-        # Reaching max_t is the trial's own end: let the trainer finish (predictions, HParams).
-        stop_last_trials=False,
     )
 
 
 def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **kwargs: Any):
     """``fn(config, spec=TrialSpec, **kwargs)`` with the trial's resources (benchmarks wrap it)."""
     spec = TrialSpec(
+        scratch=scratch_key(locate(space)),
         base=space.trial_config({}),
         paths={name: space.path_of(name) for name in space.parameters},
         metric=space.objective.metric,
@@ -265,40 +269,6 @@ def make_run_config(space: DesignSpace, exp: Experiment, verbose: int = 1) -> tu
         callbacks=[NoRetryOnNonFinite()],
         verbose=verbose,
     )
-
-
-def _study_exists(url: str, name: str) -> bool:
-    try:
-        names = optuna.study.get_all_study_names(storage=url)
-    except Exception:  # no database yet
-        return False
-    return name in names
-
-
-def _prepare(space: DesignSpace, exp: Experiment, resume: bool, fresh: bool) -> None:
-    if exp.is_local:
-        Path(exp.storage_path).mkdir(parents=True, exist_ok=True)
-    if exp.study_url and exp.study_url.startswith("sqlite:///"):
-        Path(exp.study_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    exists = tune.Tuner.can_restore(exp.path)
-    if fresh:
-        if exp.is_local:
-            shutil.rmtree(exp.path, ignore_errors=True)
-        if exp.study_url and _study_exists(exp.study_url, exp.name):
-            optuna.delete_study(study_name=exp.name, storage=exp.study_url)
-        return
-    if resume and not exists:
-        raise SpaceError(f"--resume: no experiment to resume at {exp.path}")
-    if not resume and exists:
-        raise SpaceError(
-            f"experiment.name: {exp.path} already exists; pass --resume to continue it "
-            "or choose another name"
-        )
-    if not resume and exp.study_url and _study_exists(exp.study_url, exp.name):
-        raise SpaceError(
-            f"experiment.name: the study {exp.name!r} already exists in {exp.study_url}; "
-            "pass --resume or choose another name"
-        )
 
 
 def run_tuner(
@@ -351,7 +321,7 @@ def finish_study(exp: Experiment) -> optuna.Study | None:
     FAIL, and the study attribute ``closed_by_driver`` records it. After an interrupted run
     (Ctrl-C) nothing is closed: ``--resume`` continues those trials.
     """
-    if exp.study_url is None or not _study_exists(exp.study_url, exp.name):
+    if not study_exists(exp.study_url, exp.name):
         return None
     study = optuna.load_study(study_name=exp.name, storage=exp.study_url)
     statuses = {t.status for t in tune.ExperimentAnalysis(exp.path).trials}
@@ -386,37 +356,56 @@ def run_search(
     *,
     resume: bool = False,
     smoke: bool = False,
+    overwrite: bool = False,
     address: str | None = None,
     num_cpus: int | None = None,
     dashboard_host: str = "127.0.0.1",
     include_dashboard: bool | None = None,
     verbose: int = 1,
 ) -> results_lib.Summary:
-    """Run (or resume) the search of ``space`` and write its results; returns the summary."""
+    """Run (or resume) the search of ``space`` and write its results; returns the summary.
+
+    Raises:
+        SpaceError: a mistake found before the first trial (one line): ``--resume`` with a space
+            other than the experiment's, an existing experiment or orphaned study without
+            ``--resume``/``--overwrite``, a trial this machine cannot schedule, an unreachable
+            storage path.
+    """
     # Every trial checkpoints at every evaluation: Tune's warning about frequent snapshots is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Before Ray starts, so that a refusal is one line and quick.
+    if resume:
+        space = match_saved(space)
+    if not smoke:
+        space = resolve(space)
+        action = plan(locate(space), resume=resume, overwrite=overwrite)
     init_ray(address, num_cpus, dashboard_host, include_dashboard)
     if smoke:
         # On a cluster that autoscales from zero workers no GPU is there yet: keep the trial's.
         joined = address is not None or bool(os.environ.get("RAY_ADDRESS"))
-        space = smoke_space(space, joined or _cluster_has_gpu())
+        space = resolve(smoke_space(space, joined or _cluster_has_gpu()))
+        action = plan(locate(space), resume=False, overwrite=True)
     if address is None and not os.environ.get("RAY_ADDRESS"):
         check_fits(space, ray.cluster_resources())
     exp = locate(space)
     probe_storage(exp.storage_path)
-    _prepare(space, exp, resume=resume, fresh=smoke)
+    start(space, exp, action)
     print(f"experiment: {exp.path}")
     print(f"  tensorboard --logdir {exp.path}")
     if exp.study_url:
         print(f"  optuna-dashboard {exp.study_url}")
+    if space.scheduler.type == "asha":
+        print(make_scheduler(space).describe())
 
+    clean_scratch(exp)
     data_cache = DataCache.remote()
-    run_tuner(space, exp, resume=resume, data_cache=data_cache, verbose=verbose)
+    run_tuner(space, exp, resume=action == RESTORE, data_cache=data_cache, verbose=verbose)
+    clean_scratch(exp)
     study = finish_study(exp)
     summary = results_lib.summarize(space, exp.path, study)
     print(summary.report())
     if summary.unfinished:
-        print("interrupted: continue with  python -m mtl.search <file> --resume")
+        print(f"interrupted: continue with  python -m mtl.search --resume {exp.path}")
         ray.kill(data_cache)
         return summary
     if space.search.repeats is not None:
@@ -435,7 +424,7 @@ def repeats_space(space: DesignSpace, summary: results_lib.Summary) -> DesignSpa
     return space.model_copy(
         update={
             "experiment": space.experiment.model_copy(
-                update={"name": space.experiment.name + "-repeats"}
+                update={"name": space.experiment.name + REPEATS_SUFFIX}
             ),
             "search": space.search.model_copy(
                 update={
@@ -489,7 +478,9 @@ def run_repeats(
             ),
             run_config=make_run_config(rspace, rexp, verbose),
         )
+    clean_scratch(rexp)
     tuner.fit()
+    clean_scratch(rexp)
     return results_lib.add_repeats(
         summary, rspace, rexp.path, base_seed=build_config(space.base).seed, top_k=rep.top_k
     )

@@ -8,9 +8,13 @@ own convention is that an early-stopped trial is ``PRUNED`` and keeps its last i
 Tune never passes the result on which the scheduler decided STOP to ``Searcher.on_trial_result``
 (tune_controller.py, ``_process_trial_result``), only to ``on_trial_complete``. A trial that ends
 with a result the searcher has not seen was therefore stopped by the scheduler; one whose final
-result it has seen ran to its own end (the trainer returned). ASHA runs here with
-``stop_last_trials=False``, so it never stops a trial for reaching ``max_t`` and every STOP is a
-prune.
+result it has seen ran to its own end (the trainer returned). The search's ASHA
+(:class:`mtl.search.scheduler.EvaluationASHA`) has no rung at or above ``max_t`` and lets a trial
+that reached ``max_t`` run to its end, so a scheduler STOP always comes before the full budget and
+is a prune. (Ray's own ASHA with ``stop_last_trials=False`` is not enough: when ``max_t /
+grace_period`` is a power of ``reduction_factor`` it keeps a rung at ``max_t`` and stops trials
+there.) Trials that Tune's time budget stops never reach the searcher at all; the driver closes
+them afterwards (``mtl.search.run.finish_study``).
 
 Intermediate values are keyed by the trainer's ``evaluation`` count, not Tune's
 ``training_iteration``, so a trial retried from its checkpoint continues its curve.

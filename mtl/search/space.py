@@ -40,7 +40,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from mtl.config import Config, ConfigError, build_config, load_yaml, merge, parse_overrides
+from mtl.config import (
+    Config,
+    ConfigError,
+    build_config,
+    load_yaml,
+    merge,
+    parse_override,
+    unmeasured,
+)
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
@@ -319,7 +327,12 @@ def _format_pydantic(err: ValidationError) -> str:
         first = {**first, "msg": "use letters, digits, '.', '_' and '-' only"}
     key = ".".join(loc) or "<root>"
     msg = first["msg"]
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "union_tag_not_found" and loc[0] == "parameters":
+        msg = (
+            "no type (categorical, bool, int or float); --set reaches a parameter whose name has "
+            "dots only if the file has it: add a new one with a plain name and path: a.b"
+        )
+    elif first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required key missing"
@@ -334,12 +347,46 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> DesignSp
     """
     source = str(path) + (" (with --set)" if overrides else "")
     try:
-        raw = load_yaml(path)
-        if overrides:
-            raw = merge(raw, parse_overrides(overrides))
+        raw = apply_overrides(load_yaml(path), overrides)
     except ConfigError as err:
         raise SpaceError(str(err)) from None
     return parse_space(raw, source)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``raw`` with each ``key=value`` of ``overrides`` set.
+
+    A key is split at its dots, except where the dotted words name a key that exists in ``raw``:
+    ``parameters.model.head_dropout.high=0.2`` sets ``high`` of the parameter named
+    ``model.head_dropout``.
+    """
+    for item in overrides or []:
+        key, value = parse_override(item)
+        out: Any = value
+        for part in reversed(_existing_keys(raw, key.split("."))):
+            out = {part: out}
+        raw = merge(raw, out)
+    return raw
+
+
+def _existing_keys(raw: dict[str, Any], parts: list[str]) -> list[str]:
+    keys: list[str] = []
+    node: Any = raw
+    i = 0
+    while i < len(parts):
+        # The longest run of dotted words that is a key here, else one word.
+        n = next(
+            (
+                n
+                for n in range(len(parts) - i, 1, -1)
+                if isinstance(node, dict) and ".".join(parts[i : i + n]) in node
+            ),
+            1,
+        )
+        keys.append(".".join(parts[i : i + n]))
+        node = node.get(keys[-1]) if isinstance(node, dict) else None
+        i += n
+    return keys
 
 
 def parse_space(raw: dict[str, Any], source: str = "design space") -> DesignSpace:
@@ -364,6 +411,9 @@ def _check(space: DesignSpace) -> None:
         base = build_config(space.base, "base")
     except ConfigError as err:
         raise SpaceError(str(err)) from None
+    problem = unmeasured(space.objective.metric, base.data.tasks)
+    if problem is not None:
+        raise _fail("objective.metric", problem)
     selection = space.base.get("train", {}).get("selection_metric")
     if selection is not None and selection != space.objective.metric:
         raise _fail(
@@ -543,6 +593,12 @@ def _check_search(space: DesignSpace, base: Config) -> None:
             raise _fail(
                 "search.points_to_evaluate", "not used by sampler grid (the grid is every point)"
             )
+    if len(search.points_to_evaluate) > space.num_samples:
+        raise _fail(
+            "search.points_to_evaluate",
+            f"{len(search.points_to_evaluate)} points but num_samples is {space.num_samples}; "
+            "every point is one trial (raise num_samples or drop points)",
+        )
     if sched.type == "asha":
         budget_params = [
             n for n in space.parameters if space.path_of(n) in ("train.epochs", "train.eval_every")

@@ -3,7 +3,8 @@
 What runs where:
 
 * The trainer writes its run folder (config, metrics.json, TensorBoard events, the latest and best
-  checkpoints) into a scratch folder on the node. After every evaluation the reporter copies the
+  checkpoints) into a scratch folder on the node (:func:`scratch_root`), removed when the trial
+  ends and, for trials that died with the driver, when the experiment next starts or ends. After every evaluation the reporter copies the
   small files into the trial's working directory, which Tune syncs into the experiment folder
   (``SyncConfig(sync_artifacts=True)``), and hands the trainer's checkpoint folder to
   ``tune.report``, which copies it into the experiment folder. The model-sized ``checkpoint/``
@@ -59,6 +60,20 @@ class TrialSpec:
     metric: str  # objective metric, e.g. "overall"
     data_cache: Any = None  # DataCache actor handle; None: each trial loads its own data
     settings: dict[str, Any] = field(default_factory=dict)  # forced trainer settings (threads...)
+    scratch: str = "default"  # this experiment's folder under scratch_root() on every node
+
+
+def scratch_root() -> Path:
+    """Where trials keep their trainer run folders on the node (model and optimizer included)."""
+    return Path(tempfile.gettempdir()) / "mtl-search"
+
+
+def remove_scratch(key: str) -> None:
+    """Delete an experiment's scratch folder on this node: trials that died with the driver
+    never ran their own clean-up, and a resumed trial restores from Tune's checkpoint instead."""
+    shutil.rmtree(scratch_root() / key, ignore_errors=True)
+    with contextlib.suppress(OSError):  # other experiments' folders remain
+        scratch_root().rmdir()
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +243,20 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
+def _purge_tensorboard(tb_dir: Path, checkpoint_dir: Path) -> None:
+    """Drop the lost attempt's TensorBoard points after the checkpoint it resumes from.
+
+    The trial folder keeps the event file mirrored from the attempt that failed, which may hold
+    steps after its last checkpoint; the resumed trainer writes those steps again. An event file
+    that starts with TensorBoard's ``purge_step`` (a ``SessionLog.START`` at the first step the
+    resumed run writes) makes TensorBoard discard every earlier point from that step on.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    state = json.loads((checkpoint_dir / "train_state.json").read_text())
+    SummaryWriter(log_dir=str(tb_dir), purge_step=int(state["step"]) + 1).close()
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The function Tune runs for each trial."""
     from mtl.train import NonFiniteLossError, train
@@ -238,9 +267,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     cfg = build_config(cfg_dict, "trial config")
     ctx = tune.get_context()
     work_dir = Path.cwd()  # Tune's trial working directory, synced as artifacts
-    run_dir = (
-        Path(tempfile.gettempdir()) / "mtl-search" / ctx.get_experiment_name() / ctx.get_trial_id()
-    )
+    run_dir = scratch_root() / spec.scratch / ctx.get_trial_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     node_id = ray.get_runtime_context().get_node_id()
     best_key = f"best_{spec.metric}"
@@ -249,9 +276,12 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     resume_from = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
+        # A retry on this node finds the failed attempt's run folder, with events logged after
+        # its last checkpoint: start clean from Tune's checkpoint instead.
+        shutil.rmtree(run_dir, ignore_errors=True)
         resume_from = run_dir / "resume"
-        shutil.rmtree(resume_from, ignore_errors=True)
         checkpoint.to_directory(str(resume_from))
+        _purge_tensorboard(run_dir / "tb", resume_from)
 
     data = _shared_data(spec, cfg_dict)
     weights = _shared_weights(spec, cfg.model.backbone)
