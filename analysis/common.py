@@ -388,7 +388,8 @@ _LATEX_SPECIAL = {
 
 def latex_escape(text: str) -> str:
     out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-    return out.replace("±", r"$\pm$").replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$")
+    out = out.replace("±", r"$\pm$").replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$")
+    return out.replace("−", "$-$")  # the comparisons' "row minus row"
 
 
 def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:

@@ -268,13 +268,18 @@ def greedy(
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Greedy forward selection on dev (without replacement); returns the chosen indices and
     the dev score after each step."""
-    scores = [evaluate(o, gold)[metric] for o in outputs]
+
+    def score_of(o: Outputs) -> float:
+        value = evaluate(o, gold)[metric]
+        return 0.0 if value is None else value  # an undefined Pearson ranks as 0, as in overall
+
+    scores = [score_of(o) for o in outputs]
     chosen = [int(np.argmax(scores))]
     steps = [{"added": chosen[0], metric: scores[chosen[0]]}]
     best = scores[chosen[0]]
     while len(chosen) < len(outputs):
         trials = {
-            i: evaluate(average([outputs[j] for j in [*chosen, i]]), gold)[metric]
+            i: score_of(average([outputs[j] for j in [*chosen, i]]))
             for i in range(len(outputs))
             if i not in chosen
         }

@@ -2,7 +2,8 @@
 
 ``python -m analysis.report EXP [--data-dir DIR] [--out DIR] [--space FILE]``
 
-Regenerates the tables (:mod:`analysis.tables`) and the importance plots
+Regenerates the tables (:mod:`analysis.tables`, with their paired comparisons and the best trial
+against the next ones) and the importance plots
 (:mod:`analysis.importance`), includes the ensemble's Table 6 when ``python -m analysis.ensemble``
 has run (it is not run here: it loads models), and draws from the dev predictions (the ensemble's,
 else the best trial's own ``predictions/``) the paper's Figure 4 (SST labels predicted against
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import importance as importance_lib
+from analysis import paired
 from analysis import tables as tables_lib
 from analysis.common import (
     COLUMN_NAMES,
@@ -227,6 +229,15 @@ def _top_trials(exp: Experiment, k: int = 5) -> str:
     return markdown_table(pd.DataFrame(rows)) if rows else "No trial reached an evaluation.\n"
 
 
+def _table_section(md: Path, written: list[Path], folder: Path) -> list[str]:
+    """A table's Markdown (links re-rooted at the report) and every file written with it."""
+    text = md.read_text()
+    related = [p for p in written if p.stem == md.stem or p.stem.startswith(md.stem + "_")]
+    prefix = md.parent.relative_to(folder).as_posix()
+    files = ", ".join(_link(p, folder) for p in related if p.suffix != ".png")
+    return [rebase_links(text, prefix), "Files: " + files, ""]
+
+
 def _commands(exp: Experiment, folder: Path) -> list[str]:
     space = str(exp.space_file) if exp.space_file is not None else "DESIGN_SPACE.yaml"
     smoke = " --smoke" if exp.name.endswith("-smoke") else ""
@@ -243,10 +254,15 @@ def _commands(exp: Experiment, folder: Path) -> list[str]:
     return lines
 
 
-def run(exp: Experiment, out: str | None = None, data_dir: str | None = None) -> Path:
+def run(
+    exp: Experiment,
+    out: str | None = None,
+    data_dir: str | None = None,
+    resamples: int = paired.DEFAULT_RESAMPLES,
+) -> Path:
     """Regenerate tables and importance, draw the prediction plots, write report.md."""
     folder = out_dir(exp, out)
-    table_files = tables_lib.run(exp, out)
+    table_files = tables_lib.run(exp, out, resamples=resamples)
     try:
         imp_files, warnings = importance_lib.run(exp, out)
         imp_error = ""
@@ -280,12 +296,14 @@ def run(exp: Experiment, out: str | None = None, data_dir: str | None = None) ->
         "## Best trials",
         "",
         _top_trials(exp),
-        "## Tables",
-        "",
     ]
-    for md in [p for p in table_files if p.suffix == ".md"]:
-        siblings = [md.with_suffix(s) for s in (".md", ".tex", ".csv")]
-        lines += [md.read_text(), "Files: " + ", ".join(_link(p, folder) for p in siblings), ""]
+    mds = [p for p in table_files if p.suffix == ".md"]
+    top = [p for p in mds if p.stem == "top_trials"]
+    for md in top:  # is the best a tie with the next ones?
+        lines += _table_section(md, table_files, folder)
+    lines += ["## Tables", ""]
+    for md in [p for p in mds if p not in top]:
+        lines += _table_section(md, table_files, folder)
 
     lines += ["## Parameter importance", ""]
     if imp_error:
@@ -382,11 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="output folder (default EXP/analysis)")
     parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=paired.DEFAULT_RESAMPLES,
+        help="bootstrap resamples and permutations of each paired comparison (default 9999)",
+    )
     args = parser.parse_args(argv)
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise AnalysisError(f"--data-dir {args.data_dir}: no such folder")
+    if args.resamples < 100:
+        raise AnalysisError(f"--resamples {args.resamples}: give at least 100")
     exp = load_experiment(args.exp, args.space)
-    report = run(exp, args.out, args.data_dir)
+    report = run(exp, args.out, args.data_dir, args.resamples)
     print(f"wrote {report}")
     return 0
 

@@ -24,6 +24,7 @@ paper table the experiment touches, with the paper's numbers beside ours in the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis import paired
 from analysis.common import (
     COLUMN_NAMES,
     METRICS,
@@ -59,7 +61,8 @@ def configuration(cfg: dict[str, Any]) -> dict[str, Any]:
         "routine": full["train"]["routine"],
         "smart": bool(full["smart"]["enabled"]),
         "pal": full["pal"]["variant"],
-        "contrastive": bool(full["contrastive"]["enabled"]),
+        # False, or the stage-1 loss: margin (the paper's) or infonce.
+        "contrastive": full["contrastive"]["loss"] if full["contrastive"]["enabled"] else False,
         "backbone": Path(str(full["model"]["backbone"])).name,
     }
 
@@ -73,7 +76,9 @@ def label(conf: dict[str, Any], backbone: bool = False) -> str:
         parts.append("PAL")
     elif conf["pal"] == "standard":
         parts.append("PAL (standard)")
-    if conf["contrastive"]:
+    if conf["contrastive"] == "infonce":
+        parts.append("SimCSE (InfoNCE)")
+    elif conf["contrastive"]:
         parts.append("SimCSE")
     if conf["smart"]:
         parts.append("SMART")
@@ -199,8 +204,8 @@ PAPER_TABLES: tuple[PaperTable, ...] = (
     _designs_table(
         5,
         "Performance Across Configurations (Classifier Designs and SimCSE)",
-        {"mode": "finetune", "smart": False, "pal": "none", "contrastive": True},
-        {"contrastive": True},
+        {"mode": "finetune", "smart": False, "pal": "none", "contrastive": "margin"},
+        {"contrastive": "margin"},
         [
             "design 1 + SimCSE",
             "design 1 + RR + SimCSE",
@@ -368,6 +373,228 @@ def display(summary: pd.DataFrame, max_t: int) -> tuple[pd.DataFrame, list[str]]
 
 
 # ---------------------------------------------------------------------------------------------
+# Paired comparisons (analysis.paired): rows that differ in one choice, the best trial vs the next
+
+# For each configuration key, its values from base to variant: a comparison is "variant - base".
+ORDER: dict[str, list[Any]] = {
+    "design": [1, 2],
+    "mode": ["pretrain", "finetune"],
+    "routine": ["sequential", "round_robin"],
+    "smart": [False, True],
+    "pal": ["none", "paper", "standard"],
+    "contrastive": [False, "margin", "infonce"],
+}
+SIGNIFICANT_MARK = "*"
+
+
+def row_runs(exp: Experiment, trial_id: str) -> dict[int, str]:
+    """seed -> trial id: the completed seed runs of ``trial_id``'s parameters (itself included),
+    or the trial alone under its config's seed."""
+    runs = seed_runs(exp, trial_id)
+    if runs is not None and len(runs) > 1:
+        return {int(s): str(t) for s, t in zip(runs["seed"], runs["trial_id"], strict=True)}
+    cfg = exp.trial_config(trial_id) or {}
+    return {int(cfg.get("seed", 0)): trial_id}
+
+
+def seed_pairs(a: dict[int, str], b: dict[int, str]) -> list[tuple[int, str, str]]:
+    """(seed, A's trial, B's trial) for the seeds both sides ran; without a common seed, the
+    runs paired in seed order (as many as the side with fewer)."""
+    common = sorted(set(a) & set(b))
+    if common:
+        return [(s, a[s], b[s]) for s in common]
+    return [(sa, a[sa], b[sb]) for sa, sb in zip(sorted(a), sorted(b), strict=False)]
+
+
+def compare_runs(
+    exp: Experiment,
+    base: dict[int, str],
+    variant: dict[int, str],
+    source: str,
+    resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The CSV fields of one comparison ``variant - base`` (or why it could not be made)."""
+    pairs = seed_pairs(base, variant)
+    record: dict[str, Any] = {
+        "seeds": len(pairs),
+        "base_trials": " ".join(t for _, t, _ in pairs),
+        "variant_trials": " ".join(t for _, _, t in pairs),
+        "note": "",
+    }
+    frames, missing = [], []
+    for _, ta, tb in pairs:
+        files = [paired.prediction_file(exp, t) for t in (ta, tb)]
+        missing += [t for t, f in zip((ta, tb), files, strict=True) if f is None]
+        if None not in files:
+            frames.append(tuple(paired.read_dev_predictions(f) for f in files))
+    if missing:
+        record["note"] = (
+            f"no {paired.DEV_PREDICTIONS_FILE} for {', '.join(sorted(set(missing)))} "
+            "(trained before runs kept their dev predictions)"
+        )
+        return record
+    try:
+        results, examples = paired.compare(frames, source, resamples=resamples, seed=seed)
+    except paired.NotComparable as err:
+        record["note"] = str(err)
+        return record
+    record["examples"] = " ".join(f"{t}:{n}" for t, n in examples.items())
+    for c in results:
+        record.update(
+            {
+                f"{c.metric}_diff": c.difference,
+                f"{c.metric}_low": c.low,
+                f"{c.metric}_high": c.high,
+                f"{c.metric}_p": c.p_value,
+                f"{c.metric}_significant": c.significant,
+            }
+        )
+    return record
+
+
+def one_choice_pairs(keys: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
+    """(base row, variant row, changed key) for every two rows that differ in exactly one
+    configuration key, the base being the value earlier in :data:`ORDER`."""
+    out = []
+    for i, j in itertools.combinations(range(len(keys)), 2):
+        changed = [k for k in KEYS if keys[i].get(k) != keys[j].get(k)]
+        if len(changed) != 1 or changed[0] not in ORDER:
+            continue
+        key = changed[0]
+        order = ORDER[key]
+        if order.index(keys[i][key]) > order.index(keys[j][key]):
+            i, j = j, i
+        out.append((i, j, key))
+    return out
+
+
+def comparisons(
+    exp: Experiment,
+    summary: pd.DataFrame,
+    keys: list[dict[str, Any]],
+    resamples: int,
+    seed: int,
+    paper: tuple[tuple[float, ...], ...] | None = None,
+) -> pd.DataFrame:
+    """One row per pair of table rows that differ in one choice: ``variant - base`` per metric
+    with its paired-bootstrap interval and permutation p-value (and the paper's difference, from
+    its single runs, where the table is the paper's)."""
+    out = []
+    for i, j, key in one_choice_pairs(keys):
+        a, b = summary.iloc[i], summary.iloc[j]
+        if not a["best_trial"] or not b["best_trial"]:
+            continue
+        name = f"{b['configuration']} − {a['configuration']}"
+        record = {"comparison": name, "base": a["configuration"], "variant": b["configuration"]}
+        record["changed"] = key
+        record.update(
+            compare_runs(
+                exp,
+                row_runs(exp, a["best_trial"]),
+                row_runs(exp, b["best_trial"]),
+                f"{exp.name}: {name}",
+                resamples,
+                seed,
+            )
+        )
+        if paper is not None:
+            for n, m in enumerate(METRICS):
+                record[f"paper_{m}_diff"] = paper[j][n] - paper[i][n]
+        out.append(record)
+    return pd.DataFrame(out)
+
+
+def top_trial_comparisons(
+    exp: Experiment, metric: str, resamples: int, seed: int, k: int = 5
+) -> pd.DataFrame:
+    """The best trial (by ``metric``; completed first, as the tables choose) against each of the
+    next ``k - 1``: ``best - other`` on the dev examples, one trial (one seed) per side."""
+    scored = exp.results[exp.results[f"best.{metric}"].notna() & (exp.results["status"] != "error")]
+    done = scored["status"] == "completed"
+    ranked = pd.concat(
+        [
+            scored[done].sort_values(f"best.{metric}", ascending=False),
+            scored[~done].sort_values(f"best.{metric}", ascending=False),
+        ]
+    ).head(k)
+    if len(ranked) < 2:
+        return pd.DataFrame()
+    best = str(ranked["trial_id"].iloc[0])
+    out = []
+    for other in ranked["trial_id"].iloc[1:]:
+        record = {"comparison": f"{best} − {other}", "base": other, "variant": best}
+        seed_a = int((exp.trial_config(other) or {}).get("seed", 0))
+        seed_b = int((exp.trial_config(best) or {}).get("seed", 0))
+        record.update(
+            compare_runs(
+                exp,
+                {seed_a: other},
+                {seed_b: best},
+                f"{exp.name}: {best} vs {other}",
+                resamples,
+                seed,
+            )
+        )
+        out.append(record)
+    return pd.DataFrame(out)
+
+
+def display_comparisons(frame: pd.DataFrame, paper: bool) -> tuple[pd.DataFrame, list[str]]:
+    """The comparisons as printed (strings), and their footnotes."""
+    rows = []
+    for r in frame.to_dict("records"):
+        cells = {"Comparison": r["comparison"], "Seeds": str(r["seeds"])}
+        for m in METRICS:
+            cells[COLUMN_NAMES[m]] = paired.cell(r, m) if not r.get("note") else "—"
+        if paper:
+            cells["Paper, overall (single runs)"] = paired.fmt_diff(r["paper_overall_diff"])
+        rows.append(cells)
+    notes = [
+        "Each cell: the difference (left row minus right row) on the dev examples, averaged over "
+        "the seed pairs (Seeds: runs of both rows under the same seed); in brackets its 95% "
+        "confidence interval from a paired bootstrap over dev examples (percentile method, both "
+        "rows scored on the same resampled examples, STS Pearson recomputed on each resample); "
+        "p: two-sided paired permutation test. "
+        f"{SIGNIFICANT_MARK} The interval excludes 0: a difference on these dev examples, "
+        "not a claim about new data (no correction for the number of comparisons)."
+    ]
+    if paper:
+        notes.append(
+            "Paper: the same difference between the paper's published rows, one run each "
+            "(no interval can be computed)."
+        )
+    for r in frame.to_dict("records"):
+        if r.get("note"):
+            notes.append(f"{r['comparison']}: not compared: {r['note']}.")
+    return pd.DataFrame(rows), notes
+
+
+def write_comparisons(
+    folder: Path, key: str, title: str, frame: pd.DataFrame, paper: bool = False
+) -> tuple[list[Path], str]:
+    """``key``_comparisons.csv/.tex and ``key``_forest.png/.csv; returns the files and the
+    Markdown section (for ``key``.md)."""
+    if frame.empty:
+        return [], ""
+    shown, notes = display_comparisons(frame, paper)
+    md = f"\n#### Paired comparisons: {title}\n\n{markdown_table(shown)}\n"
+    md += "\n".join(f"{n}\n" for n in notes)
+    paths = [folder / f"{key}_comparisons.csv", folder / f"{key}_comparisons.tex"]
+    frame.to_csv(paths[0], index=False)
+    caption = f"Paired comparisons: {title}. " + " ".join(notes)
+    paths[1].write_text(latex_table(shown, caption, f"tab:{key}-comparisons"))
+    if "overall_diff" in frame and frame["overall_diff"].notna().any():
+        png = folder / f"{key}_forest.png"
+        paths += [
+            paired.forest_plot(frame, f"{title}: differences with 95% intervals", png),
+            png.with_suffix(".csv"),
+        ]
+        md += f"\n![{key} forest plot]({png.name})\n"
+    return paths, md
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -434,20 +661,68 @@ def paper_block(table: PaperTable) -> str:
     )
 
 
-def run(exp: Experiment, out: str | None = None, metric: str | None = None) -> list[Path]:
-    """Write every table of ``exp``; returns the files written."""
+def run(
+    exp: Experiment,
+    out: str | None = None,
+    metric: str | None = None,
+    resamples: int = paired.DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> list[Path]:
+    """Write every table of ``exp``, each with its paired comparisons, and the best trial
+    against the next ones; returns the files written (each table's .md first)."""
     metric = metric or exp.metric
     folder = out_dir(exp, out, "tables")
     trials = trials_frame(exp)
     written = []
     for table, summary in paper_tables(trials, metric, exp):
+        keys = [{**table.where, **r.match} for r in table.rows]
+        frame = comparisons(exp, summary, keys, resamples, seed, tuple(r.paper for r in table.rows))
+        files, md = write_comparisons(folder, table.key, table.title, frame, paper=True)
         written += write_table(
-            folder, table.key, table.title, summary, exp.max_t, paper_block(table)
+            folder, table.key, table.title, summary, exp.max_t, paper_block(table) + md
         )
+        written += files
     summary = configurations_summary(trials, metric, exp)
+    keys = summary[list(KEYS)].to_dict("records")
+    frame = comparisons(exp, summary, keys, resamples, seed)
     title = f"Every configuration of {exp.name} (best by dev {metric})"
-    written += write_table(folder, "configurations", title, summary, exp.max_t)
+    files, md = write_comparisons(folder, "configurations", title, frame)
+    written += write_table(folder, "configurations", title, summary, exp.max_t, md) + files
+    written += write_top_trials(exp, folder, metric, resamples, seed)
     return written
+
+
+def write_top_trials(
+    exp: Experiment, folder: Path, metric: str, resamples: int, seed: int
+) -> list[Path]:
+    """``top_trials``.md (with its comparisons), .csv, .tex and forest plot: is the best trial
+    better than each of the next ones, or a tie on these dev examples?"""
+    frame = top_trial_comparisons(exp, metric, resamples, seed)
+    if frame.empty:
+        return []
+    title = f"The best trial of {exp.name} against the next ones (dev {metric})"
+    files, md = write_comparisons(folder, "top_trials", title, frame)
+    verdicts = []
+    for r in frame.to_dict("records"):
+        if r.get("note"):
+            verdicts.append(f"- {r['variant']} vs {r['base']}: not compared: {r['note']}")
+            continue
+        sig = r[f"{metric}_significant"]
+        verdicts.append(
+            f"- {r['variant']} vs {r['base']}: "
+            + (
+                f"better on dev {metric} (interval excludes 0)"
+                if sig and r[f"{metric}_diff"] > 0
+                else f"worse on dev {metric} (interval excludes 0)"
+                if sig
+                else f"a tie on dev {metric}: the interval includes 0"
+            )
+            + f", p={r[f'{metric}_p']:.3g}"
+        )
+    text = f"### {title}\n\n" + "\n".join(verdicts) + "\n" + md
+    md_path = folder / "top_trials.md"
+    md_path.write_text(text)
+    return [md_path, *files]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,9 +736,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metric", choices=METRICS, help="rank by this dev metric (default: the objective)"
     )
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=paired.DEFAULT_RESAMPLES,
+        help="bootstrap resamples and permutations of each paired comparison (default 9999)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the resampling (default 0)")
     args = parser.parse_args(argv)
+    if args.resamples < 100:
+        raise AnalysisError(f"--resamples {args.resamples}: give at least 100")
     exp = load_experiment(args.exp, args.space)
-    written = run(exp, args.out, args.metric)
+    written = run(exp, args.out, args.metric, args.resamples, args.seed)
     for path in written:
         if path.suffix == ".md":
             print(path.read_text())

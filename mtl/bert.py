@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -301,20 +303,129 @@ def convert_hf_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
     return out
 
 
+# The first line of a git-lfs pointer file, which a clone without git-lfs leaves in place of
+# the weights (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def is_lfs_pointer(path: str | Path) -> bool:
+    """Whether ``path`` is a git-lfs pointer file standing in for the real content."""
+    with Path(path).open("rb") as fh:
+        return fh.read(len(_LFS_POINTER)) == _LFS_POINTER
+
+
+def lfs_pointer_message(path: str | Path) -> str:
+    """The one-line error for a git-lfs pointer found where a real file was expected."""
+    path = Path(path)
+    return (
+        f"{path}: a git-lfs pointer, not the file (the repository was cloned without git-lfs); "
+        f"run `git lfs pull` in {path.parent}"
+    )
+
+
+def weights_file(folder: str | Path) -> Path:
+    """The weights file of a backbone folder: ``model.safetensors``, else ``pytorch_model.bin``.
+
+    Raises:
+        CheckpointError: the folder has neither file.
+    """
+    folder = Path(folder)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: has neither model.safetensors nor pytorch_model.bin")
+
+
 def read_checkpoint(folder: str | Path) -> dict[str, Tensor]:
     """Reads ``model.safetensors``, else ``pytorch_model.bin`` (tensors only, no pickled code).
 
     Raises:
-        FileNotFoundError: the folder has neither file.
+        CheckpointError: one line naming the file when the folder has neither file, or the file
+            is a git-lfs pointer (cloned without git-lfs), truncated or otherwise unreadable,
+            or (``.bin``) holds pickled objects other than tensors.
     """
-    folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
+    path = weights_file(folder)
+    if is_lfs_pointer(path):
+        raise CheckpointError(lfs_pointer_message(path))
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file, truncated or corrupt "
+                f"({path.stat().st_size:,} bytes: {err})"
+            ) from None
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any pickled object that is not a tensor or a plain container;
+        # its message names that object's class ("Unsupported global: GLOBAL module.Class").
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch weights file, truncated or corrupt "
+                f"({path.stat().st_size:,} bytes)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused: it holds a pickled {found[1]}, not only tensors (weights_only)"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch weights file, truncated or corrupt "
+            f"({path.stat().st_size:,} bytes: {type(err).__name__})"
+        ) from None
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(v, Tensor) for v in state_dict.values()
+    ):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return dict(state_dict)
+
+
+def check_state_dict(
+    config: BertConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint"
+) -> bool:
+    """Checks every key and shape of a Hugging Face BERT state dict against ``config``.
+
+    Nothing is allocated: the reference shapes come from a model on the meta device.
+
+    Args:
+        config: the encoder's shape.
+        state_dict: weights as :func:`read_checkpoint` returns them (before key conversion).
+        source: what the weights are, for the message (e.g. the folder they came from).
+
+    Returns:
+        True when the checkpoint lacks the pooler (see :meth:`BertModel.load_hf_state_dict`).
+
+    Raises:
+        CheckpointError: one line naming ``source`` and each missing key, each unexpected key
+            and each shape mismatch.
+    """
+    with torch.device("meta"):
+        expected = BertModel(config).state_dict()
+    state_dict = convert_hf_state_dict(state_dict)
+    keep_pooler = not any(k in state_dict for k in _POOLER_KEYS)
+    if keep_pooler:
+        expected = {k: v for k, v in expected.items() if k not in _POOLER_KEYS}
+    problems = key_problems(expected, state_dict)
+    if problems:
+        raise CheckpointError(f"{source} does not fit BertModel: " + "; ".join(problems))
+    return keep_pooler
+
+
+def key_problems(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> list[str]:
+    """Each missing key, each unexpected key and each shape mismatch of ``given``, in words."""
+    return (
+        [f"missing key {k}" for k in expected if k not in given]
+        + [f"unexpected key {k}" for k in given if k not in expected]
+        + [
+            f"shape mismatch {k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in given.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+    )
 
 
 class BertModel(nn.Module):
@@ -350,6 +461,7 @@ class BertModel(nn.Module):
         token_type_ids: Tensor | None = None,
         *,
         inputs_embeds: Tensor | None = None,
+        embedding_output: Tensor | None = None,
         task: str | None = None,
     ) -> BertOutput:
         """Encodes a batch.
@@ -361,55 +473,52 @@ class BertModel(nn.Module):
             token_type_ids: (batch, seq) segment ids; None means all zeros.
             inputs_embeds: (batch, seq, hidden), used instead of the word-embedding lookup
                 (position and token-type embeddings are still added, as in Hugging Face).
+            embedding_output: (batch, seq, hidden), the embedding layer's output (after its
+                LayerNorm and dropout), used instead of computing it; what SMART perturbs.
             task: passed to every layer as ``task=``; plain layers ignore it, adapter
                 wrappers pick their task's parameters with it.
 
         Returns:
             The last layer's states and the pooled [CLS] vector.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embeddings.word_embeddings(input_ids)
-        hidden_states = self.embeddings(inputs_embeds, token_type_ids)
+        given = [x is not None for x in (input_ids, inputs_embeds, embedding_output)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of input_ids, inputs_embeds and embedding_output")
+        if embedding_output is not None:
+            hidden_states = embedding_output
+        else:
+            if inputs_embeds is None:
+                inputs_embeds = self.embeddings.word_embeddings(input_ids)
+            hidden_states = self.embeddings(inputs_embeds, token_type_ids)
         attn_mask = _attention_mask(attention_mask)
         hidden_states = self.encoder(hidden_states, attn_mask, task=task)
         return BertOutput(last_hidden_state=hidden_states, pooler_output=self.pooler(hidden_states))
 
-    def load_hf_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+    def load_hf_state_dict(
+        self, state_dict: Mapping[str, Tensor], source: str = "checkpoint"
+    ) -> None:
         """Loads a Hugging Face BERT state dict after :func:`convert_hf_state_dict`.
 
-        Every key and shape is checked before anything is copied. A checkpoint without the
-        pooler (sentence-transformers exports often drop it) keeps the freshly initialised
-        pooler and logs a warning: our pooler output is then random, the token states are not.
+        Every key and shape is checked before anything is copied (:func:`check_state_dict`).
+        A checkpoint without the pooler (sentence-transformers exports often drop it) keeps the
+        freshly initialised pooler and logs a warning: our pooler output is then random, the
+        token states are not.
+
+        Args:
+            state_dict: the weights.
+            source: what they are, for the error message (e.g. the folder they came from).
 
         Raises:
-            CheckpointError: naming each missing key, each unexpected key and each shape
-                mismatch.
+            CheckpointError: naming ``source``, each missing key, each unexpected key and each
+                shape mismatch.
         """
+        keep_pooler = check_state_dict(self.config, state_dict, source)
         state_dict = convert_hf_state_dict(state_dict)
-        expected = self.state_dict()
-        missing = [k for k in expected if k not in state_dict]
-        keep_pooler = all(k in missing for k in _POOLER_KEYS)
-        if keep_pooler:
-            missing = [k for k in missing if k not in _POOLER_KEYS]
-        unexpected = [k for k in state_dict if k not in expected]
-        mismatched = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-            for k, v in state_dict.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
-        problems = (
-            [f"missing key {k}" for k in missing]
-            + [f"unexpected key {k}" for k in unexpected]
-            + [f"shape mismatch {m}" for m in mismatched]
-        )
-        if problems:
-            raise CheckpointError("checkpoint does not fit BertModel: " + "; ".join(problems))
         if keep_pooler:
             logger.warning(
                 "checkpoint has no pooler weights: keeping a randomly initialised pooler"
             )
+            expected = self.state_dict()
             state_dict = {**state_dict, **{k: expected[k] for k in _POOLER_KEYS}}
         self.load_state_dict(state_dict, strict=True)
 
@@ -434,15 +543,22 @@ class BertModel(nn.Module):
             The model in training mode, on CPU, in float32.
 
         Raises:
-            CheckpointError: the weights do not fit the config (see :meth:`load_hf_state_dict`).
+            BackboneError: the folder's ``config.json`` is missing, not JSON, or asks for what
+                this encoder does not implement (see :func:`mtl.backbones.read_config`).
+            CheckpointError: the weights file is unreadable (see :func:`read_checkpoint`) or the
+                weights do not fit the config (see :meth:`load_hf_state_dict`); the message
+                names the folder.
         """
-        from mtl.backbones import resolve_backbone
+        from mtl.backbones import read_config, resolve_backbone
 
         folder = resolve_backbone(str(name_or_dir))
-        config = BertConfig.from_json_file(folder / "config.json")
-        config = dataclasses.replace(config, **config_overrides)
+        config = dataclasses.replace(read_config(folder), **config_overrides)
         model = cls(config)
-        model.load_hf_state_dict(state_dict if state_dict is not None else read_checkpoint(folder))
+        if state_dict is None:
+            state_dict, source = read_checkpoint(folder), str(weights_file(folder))
+        else:
+            source = f"the weights given for {folder}"
+        model.load_hf_state_dict(state_dict, source)
         return model
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -471,6 +587,11 @@ __all__ = [
     "BertModel",
     "BertOutput",
     "CheckpointError",
+    "check_state_dict",
     "convert_hf_state_dict",
+    "is_lfs_pointer",
+    "key_problems",
+    "lfs_pointer_message",
     "read_checkpoint",
+    "weights_file",
 ]

@@ -63,7 +63,7 @@ class DataConfig(_Section):
     max_length: int = Field(128, ge=8)
     # Deterministic subsample of each training split (None: all rows).
     max_train_examples: int | None = Field(None, gt=0)
-    # Deterministic subsample of each dev/test split (None: all rows).
+    # Deterministic subsample of each dev/test split (None: all rows), the same for every seed.
     max_eval_examples: int | None = Field(None, gt=0)
     # Length-bucketed batches (shuffled within buckets); False: uniformly shuffled batches.
     bucket: bool = True
@@ -134,15 +134,19 @@ class SmartConfig(_Section):
     weight: float = Field(5.0, ge=0.0)
     # eta, the step size of each gradient-ascent step on the perturbation (paper: 1e-3).
     eta: float = Field(1e-3, gt=0.0)
-    # epsilon, the small constant in the per-token normalisation of the perturbation (paper: 1e-6).
+    # epsilon, the small constant that keeps the per-token normalisation finite (paper: 1e-6).
     epsilon: float = Field(1e-6, gt=0.0)
     # sigma, the scale of the initial Gaussian perturbation (paper: 1e-5; randn * sigma as in the
     # reference code).
     sigma: float = Field(1e-5, gt=0.0)
     # K, gradient-ascent steps on the perturbation (paper: 1).
     steps: int = Field(1, ge=1)
-    # Per-token norm the perturbation is normalised by after each step: inf (reference code) or l2.
+    # Per-token norm of the update rule: inf (both reference codes) or l2.
     norm: Literal["inf", "l2"] = "inf"
+    # How each ascent step moves the perturbation of the embedding layer's output (mtl/smart.py):
+    # normalized_step, SMART's Algorithm 1 (delta + eta * g / ||g||: size of order eta);
+    # unit_norm, vat-pytorch and later MT-DNN ((delta + eta * g) rescaled to norm 1 per token).
+    update: Literal["normalized_step", "unit_norm"] = "normalized_step"
     # Add SMART's Bregman proximal point term against a momentum (teacher) copy of the model.
     bregman: bool = False
     # mu, the weight of the Bregman term (SMART paper: 1).
@@ -203,9 +207,21 @@ class ContrastiveConfig(_Section):
     # Folder of stage-1 encoders, shareable between runs; None: $MTL_CACHE_DIR/stage1, else
     # ~/.cache/mtl/stage1.
     cache_dir: str | None = None
-    # Deterministic subsample of the stage-1 training and validation pairs (None: all); for
-    # quick runs.
-    max_examples: int | None = Field(None, gt=1)
+    # Deterministic subsample of the Quora dev pairs whose loss stops stage 1 early (None: all).
+    # Stage 1's training pairs are never subsampled on their own: they are ``fraction`` of the
+    # Quora training pairs the run would train on without stage 1 (``data.max_train_examples``),
+    # and stage 2 trains on the rest, so both arms of an ablation see the same pairs.
+    max_val_examples: int | None = Field(None, gt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_examples_is_gone(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "max_examples" in raw:
+            raise ValueError(
+                "max_examples was removed: stage 1 trains on `fraction` of the Quora pairs "
+                "that data.max_train_examples selects; max_val_examples subsamples its dev pairs"
+            )
+        return raw
 
 
 class Config(_Section):
@@ -219,6 +235,12 @@ class Config(_Section):
     smart: SmartConfig = SmartConfig()
     pal: PalConfig = PalConfig()
     contrastive: ContrastiveConfig = ContrastiveConfig()
+
+    @model_validator(mode="after")
+    def _stage1_needs_quora(self) -> Config:
+        if self.contrastive.enabled and "para" not in self.data.tasks:
+            raise ValueError("contrastive.enabled needs the para task in data.tasks")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict (tuples become lists)."""

@@ -13,16 +13,28 @@ Losses (pure functions of the embeddings, apart from the code that runs the enco
   between the L2-normalised embeddings, d^2 = 2 - 2 cos(u, v). Section 5.3 says the loss is
   computed from the cosine similarity; on raw MiniLM [CLS] vectors (norm about 7) every
   non-duplicate pair would lie farther apart than m and the negative term would always be zero.
-* ``infonce`` (SimCSE's supervised objective, Gao et al. 2021, equation 5): rows are the first
-  sentences of the duplicate pairs, columns the second sentences of every pair in the batch;
-  cos / tau with tau = 0.05, the row's own partner as the target. Other duplicates' partners are
-  in-batch negatives; the second sentences of the labelled non-duplicate pairs are columns that
-  are no row's positive, SimCSE's hard-negative columns.
+* ``infonce`` (SimCSE's supervised objective, Gao et al. 2021, equation 5, with Quora's labelled
+  non-duplicates as the hard negatives): every pair's first sentence h_i is an anchor,
+
+      l_i = -log exp(cos(h_i, h_i+) / tau) / sum_j (exp(cos(h_i, h_j+) / tau)
+                                                    + exp(cos(h_i, h_j-) / tau)),
+
+  tau = 0.05. A duplicate pair's positive h_i+ is its second sentence. A non-duplicate pair has
+  no labelled positive, so, as unsupervised SimCSE does, its positive is a second encoding of its
+  own first sentence under another dropout mask, and its second sentence is its hard negative
+  h_i-. Every positive and every hard negative of the batch is a column of every anchor's
+  denominator, so each non-duplicate pair's two questions meet in their own anchor's
+  denominator and are pushed apart.
+
+The Quora budget is the one a run without stage 1 would train on: stage 1 takes ``fraction``
+(15%) of exactly the training pairs that ``data.max_train_examples`` selects, by id, and stage 2
+trains on the other 85%, so the two arms of an ablation see the same pairs (the paper's protocol);
+``stage1.json`` in the run folder records both sets' sizes and a digest of their ids.
 
 Stage-1 encoders are cached in a folder that may be shared by every run of a search: a file
 ``<key>.safetensors`` whose key hashes the backbone (its config and weights), the stage-1 config,
-the Quora files' checksums and the seed, so runs that would train identical stage-1 encoders train
-it once. A run that misses the cache takes a lock on the key (``<key>.lock`` beside it, through
+the Quora files' checksums, the stage-1 pairs' ids and the seed, so runs that would train
+identical stage-1 encoders train it once. A run that misses the cache takes a lock on the key (``<key>.lock`` beside it, through
 ``filelock``; on a cluster the cache folder is the shared one) before training, and looks again
 once it holds it: trials that start together, such as the cells of an ablation grid, wait for the
 first one's stage 1 instead of each training its own. The file is written under a temporary name
@@ -59,7 +71,7 @@ from mtl.config import Config, ContrastiveConfig
 log = logging.getLogger("mtl.contrastive")
 
 # Bump when the stage-1 procedure changes, so old cache entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _QUORA_FILES = (data_lib.split_file("para", "train"), data_lib.split_file("para", "dev"))
 
 # ---------------------------------------------------------------------------------------------
@@ -90,30 +102,45 @@ def margin_loss(u: Tensor, v: Tensor, labels: Tensor, margin: float = 0.5) -> Te
     return (0.5 * (y * d2 + (1.0 - y) * (margin - d).clamp_min(0.0).pow(2))).mean()
 
 
-def infonce_loss(u: Tensor, v: Tensor, labels: Tensor, temperature: float = 0.05) -> Tensor:
-    """SimCSE's supervised InfoNCE with the non-duplicate pairs as hard negatives.
+def infonce_loss(
+    u: Tensor,
+    v: Tensor,
+    labels: Tensor,
+    temperature: float = 0.05,
+    u_view: Tensor | None = None,
+) -> Tensor:
+    """SimCSE's supervised InfoNCE (Gao et al. 2021, eq. 5) with non-duplicates as hard negatives.
 
-    For every duplicate pair i (the rows), -log softmax_j(cos(u_i, v_j) / tau)[i] over the second
-    sentences v_j of all pairs in the batch; averaged over the rows. A batch without duplicates
-    gives 0 (with a graph, so backward still works).
+    Every pair's first sentence is an anchor. A duplicate's positive is its second sentence; a
+    non-duplicate's positive is ``u_view`` (its first sentence again under another dropout mask,
+    unsupervised SimCSE's positive) and its second sentence is its hard negative. The columns of
+    every anchor's softmax are all the positives, then all the hard negatives; averaged over the
+    anchors.
 
     Args:
-        u: (batch, hidden) first sentences' embeddings.
+        u: (batch, hidden) first sentences' embeddings (the anchors).
         v: (batch, hidden) second sentences' embeddings.
         labels: (batch,) 1 for duplicates, 0 otherwise.
         temperature: tau.
+        u_view: (non-duplicates, hidden) second views of the non-duplicates' first sentences, in
+            batch order; None uses ``u`` itself (cosine 1, as in evaluation mode without dropout).
+
+    Returns:
+        A scalar.
     """
     u, v = F.normalize(_upcast(u), dim=-1), F.normalize(_upcast(v), dim=-1)
-    rows = labels.bool().nonzero().squeeze(-1)  # (positives,)
-    if rows.numel() == 0:
-        return (u.sum() + v.sum()) * 0.0
-    logits = u[rows] @ v.T / temperature  # (positives, batch)
-    return F.cross_entropy(logits, rows)
+    negative = ~labels.bool()  # (batch,)
+    view = u[negative] if u_view is None else F.normalize(_upcast(u_view), dim=-1)
+    positives = v.clone()
+    positives[negative] = view  # (batch, hidden)
+    columns = torch.cat([positives, v[negative]])  # (batch + non-duplicates, hidden)
+    logits = u @ columns.T / temperature  # (batch, batch + non-duplicates)
+    return F.cross_entropy(logits, torch.arange(len(u), device=u.device))
 
 
-LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, ContrastiveConfig], Tensor]] = {
-    "margin": lambda u, v, y, cfg: margin_loss(u, v, y, cfg.margin),
-    "infonce": lambda u, v, y, cfg: infonce_loss(u, v, y, cfg.temperature),
+LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, ContrastiveConfig, Tensor | None], Tensor]] = {
+    "margin": lambda u, v, y, cfg, u_view: margin_loss(u, v, y, cfg.margin),
+    "infonce": lambda u, v, y, cfg, u_view: infonce_loss(u, v, y, cfg.temperature, u_view),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -186,12 +213,20 @@ def _weights_file(backbone_dir: Path) -> Path:
     raise FileNotFoundError(f"{backbone_dir} has neither model.safetensors nor pytorch_model.bin")
 
 
-def cache_key(backbone_dir: Path, cfg: ContrastiveConfig, data_dir: Path, seed: int) -> str:
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of a set of example ids (order-free), as recorded in ``stage1.json``."""
+    return hashlib.sha256("\n".join(sorted(set(ids))).encode()).hexdigest()
+
+
+def cache_key(
+    backbone_dir: Path, cfg: ContrastiveConfig, data_dir: Path, seed: int, ids: Sequence[str]
+) -> str:
     """Hash of everything stage 1's result depends on.
 
     The backbone enters by content (config.json and weights), not by path, so copies of the same
-    weights in different places share entries; ``enabled`` and ``cache_dir`` do not enter, nor do
-    the device and precision stage 1 happens to run on.
+    weights in different places share entries; ``ids`` are the stage-1 training pairs (so a
+    different ``data.max_train_examples`` is a different entry); ``enabled`` and ``cache_dir`` do
+    not enter, nor do the device and precision stage 1 happens to run on.
     """
     parts = {
         "format": CACHE_FORMAT,
@@ -201,6 +236,7 @@ def cache_key(backbone_dir: Path, cfg: ContrastiveConfig, data_dir: Path, seed: 
         },
         "stage1": cfg.model_dump(mode="json", exclude={"enabled", "cache_dir"}),
         "data": {name: _sha256(data_dir / name) for name in _QUORA_FILES},
+        "ids": ids_digest(ids),
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -253,18 +289,36 @@ class Stage1Result:
     record: dict
 
 
-def _cls_pair(encoder: BertModel, batch: data_lib.Batch) -> tuple[Tensor, Tensor]:
-    """[CLS] embeddings (batch, hidden) of both sentences of each pair, in one encoder pass."""
+def _cls_pair(
+    encoder: BertModel, batch: data_lib.Batch, views: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """[CLS] embeddings of both sentences of each pair, in one encoder pass.
+
+    Args:
+        encoder: the encoder being trained.
+        batch: a design-1 batch of Quora pairs.
+        views: also encode the non-duplicates' first sentences a second time (another dropout
+            mask, the InfoNCE loss's positives for them).
+
+    Returns:
+        u and v, (batch, hidden) each, and the second views (non-duplicates, hidden) or None.
+    """
     assert batch.input_ids_b is not None and batch.attention_mask_b is not None
     length = max(batch.input_ids.shape[1], batch.input_ids_b.shape[1])
 
     def pad(x: Tensor) -> Tensor:
         return F.pad(x, (0, length - x.shape[1]))
 
-    ids = torch.cat([pad(batch.input_ids), pad(batch.input_ids_b)])  # (2 * batch, length)
-    mask = torch.cat([pad(batch.attention_mask), pad(batch.attention_mask_b)])
-    cls = encoder(ids, mask).last_hidden_state[:, 0]  # (2 * batch, hidden)
-    return cls.chunk(2)
+    ids = [pad(batch.input_ids), pad(batch.input_ids_b)]
+    mask = [pad(batch.attention_mask), pad(batch.attention_mask_b)]
+    if views:
+        negative = ~batch.labels.bool()
+        ids.append(ids[0][negative])
+        mask.append(mask[0][negative])
+    # (2 * batch [+ non-duplicates], length) -> (..., hidden)
+    cls = encoder(torch.cat(ids), torch.cat(mask)).last_hidden_state[:, 0]
+    n = len(batch.input_ids)
+    return cls[:n], cls[n : 2 * n], cls[2 * n :] if views else None
 
 
 def _mean_loss(
@@ -281,8 +335,8 @@ def _mean_loss(
         for indices in data_lib.batch_order(enc.lengths, cfg.batch_size, None):
             batch = data_lib.collate(enc, indices).to(device)
             with autocast():
-                u, v = _cls_pair(encoder, batch)
-            total += LOSSES[cfg.loss](u, v, batch.labels, cfg).item() * len(indices)
+                u, v, _ = _cls_pair(encoder, batch)
+            total += LOSSES[cfg.loss](u, v, batch.labels, cfg, None).item() * len(indices)
             count += len(indices)
     encoder.train()
     return total / max(1, count)
@@ -315,8 +369,8 @@ def train_stage1(
         for indices in order:
             batch = data_lib.collate(train_set, indices).to(device)
             with autocast():
-                u, v = _cls_pair(encoder, batch)
-            loss = loss_fn(u, v, batch.labels, cfg)
+                u, v, u_view = _cls_pair(encoder, batch, views=cfg.loss == "infonce")
+            loss = loss_fn(u, v, batch.labels, cfg, u_view)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -355,6 +409,7 @@ def _keep_ids(raw: data_lib.RawSplit, ids: set[str]) -> data_lib.RawSplit:
 
 def run_stage1(
     cfg: Config,
+    pool: Sequence[str],
     device: torch.device | str = "cpu",
     autocast: Callable = contextlib.nullcontext,
 ) -> Stage1Result:
@@ -362,6 +417,9 @@ def run_stage1(
 
     Args:
         cfg: the run's config (``contrastive``, ``model.backbone``, ``data.data_dir``, ``seed``).
+        pool: the ids of the Quora training pairs the run would train on without stage 1 (what
+            ``data.max_train_examples`` selected); stage 1 trains on ``contrastive.fraction`` of
+            them and stage 2 on the rest.
         device: where to train on a cache miss.
         autocast: a context factory for mixed precision, as the training loop uses.
 
@@ -371,9 +429,8 @@ def run_stage1(
     c = cfg.contrastive
     data_dir = data_lib.resolve_data_dir(cfg.data.data_dir)
     backbone_dir = resolve_backbone(cfg.model.backbone)
-    quora = data_lib.read_split(data_dir, "para", "train")
-    stage1_ids, _ = split_ids(quora.ids, c.fraction, cfg.seed)
-    key = cache_key(backbone_dir, c, data_dir, cfg.seed)
+    stage1_ids, _ = split_ids(pool, c.fraction, cfg.seed)
+    key = cache_key(backbone_dir, c, data_dir, cfg.seed, sorted(stage1_ids))
     cache_dir = Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir()
     path = cache_dir / f"{key}.safetensors"
     ids = frozenset(stage1_ids)
@@ -392,9 +449,7 @@ def run_stage1(
     try:
         if path.is_file():  # trained by the run that held the lock
             return hit()
-        record = _train_and_cache(
-            cfg, backbone_dir, data_dir, quora, stage1_ids, path, device, autocast
-        )
+        record = _train_and_cache(cfg, backbone_dir, data_dir, stage1_ids, path, device, autocast)
     finally:
         lock.release()
     log.info("stage 1: trained %d steps, cached %s", record["steps"], path)
@@ -413,7 +468,6 @@ def _train_and_cache(
     cfg: Config,
     backbone_dir: Path,
     data_dir: Path,
-    quora: data_lib.RawSplit,
     stage1_ids: set[str],
     path: Path,
     device: torch.device | str,
@@ -423,9 +477,9 @@ def _train_and_cache(
     c = cfg.contrastive
     started = time.time()
     tokenizer = load_tokenizer(backbone_dir)
-    train_raw = data_lib.subsample(_keep_ids(quora, stage1_ids), c.max_examples, cfg.seed)
+    train_raw = _keep_ids(data_lib.read_split(data_dir, "para", "train"), stage1_ids)
     val_raw = data_lib.subsample(
-        data_lib.read_split(data_dir, "para", "dev"), c.max_examples, cfg.seed
+        data_lib.read_split(data_dir, "para", "dev"), c.max_val_examples, cfg.seed
     )
     train_set = data_lib.encode(train_raw, tokenizer, c.max_length, design=1)
     val_set = data_lib.encode(val_raw, tokenizer, c.max_length, design=1)
@@ -450,18 +504,34 @@ def _train_and_cache(
 
 
 def stage1_for_run(
-    cfg: Config, run_dir: Path, device: torch.device, autocast: Callable
+    cfg: Config,
+    run_dir: Path,
+    data: data_lib.TaskData,
+    device: torch.device,
+    autocast: Callable,
 ) -> Stage1Result | None:
     """Stage 1 for a training run (None when ``contrastive.enabled`` is off).
 
-    Writes ``stage1.json`` in the run folder: the key, the cache path, whether it was a hit, the
-    steps trained by this run and how the cached encoder was trained.
+    Stage 1 trains on ``contrastive.fraction`` of the Quora training pairs in ``data`` (the run's
+    subsample) and stage 2 on the rest (:func:`exclude_stage1`). Writes ``stage1.json`` in the
+    run folder: the key, the cache path, whether it was a hit, the steps trained by this run, how
+    the cached encoder was trained, and both stages' pair counts and id digests.
     """
     if not cfg.contrastive.enabled:
         return None
-    result = run_stage1(cfg, device, autocast)
+    pool = data.train["para"].ids
+    result = run_stage1(cfg, pool, device, autocast)
+    stage2 = [i for i in pool if i not in result.ids]
     summary = {k: v for k, v in asdict(result).items() if k != "ids"}
-    summary.update(path=str(result.path), stage1_pairs=len(result.ids))
+    summary.update(
+        path=str(result.path),
+        quora_pairs=len(pool),
+        stage1_pairs=len(result.ids),
+        stage2_pairs=len(stage2),
+        stage1_ids_sha256=ids_digest(result.ids),
+        stage2_ids_sha256=ids_digest(stage2),
+        quora_ids_sha256=ids_digest(pool),
+    )
     (run_dir / "stage1.json").write_text(json.dumps(summary, indent=2))
     return result
 
@@ -471,6 +541,7 @@ __all__ = [
     "cache_key",
     "default_cache_dir",
     "exclude_stage1",
+    "ids_digest",
     "infonce_loss",
     "load_encoder",
     "margin_loss",

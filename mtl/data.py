@@ -1,9 +1,12 @@
 """Readers, validation, download, tokenization and batching for the CS224N multitask data.
 
 The three tasks (SST-5 sentiment, Quora paraphrase, STS similarity) come as tab-separated files
-with a header, a leading unnamed index column, then ``id`` and the task's columns. Each reader
-validates every row itself: a row that cannot be used is skipped and counted by reason in a
-:class:`SkipReport`, never dropped silently and never a crash (the course starter's habit).
+with a header, a leading unnamed index column, then ``id`` and the task's columns. The csv module
+parses them (any line ending, quoted line breaks), and each reader validates every row itself:
+a train or dev row that cannot be used is skipped and counted by reason in a
+:class:`SkipReport`, never dropped silently and never a crash (the course starter's habit); a
+test row that cannot be used, or a split with no usable row, stops with a :class:`DataError`
+naming the file and line.
 
 Batches are single-task and padded to the longest sequence in the batch. Training batches are
 length-bucketed (:func:`batch_order`), so examples of similar length share a batch and little
@@ -12,11 +15,13 @@ compute is spent on padding.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +48,8 @@ _LABEL_COLUMN = {"sst": "sentiment", "para": "is_duplicate", "sts": "similarity"
 # Quora's sentences were quoted once more before the csv writer quoted them again (`"""..."""`):
 # after the csv parse a well-formed field is still `"...""..."""`, and is unquoted once more.
 _QUOTED_TWICE = {"para"}
+# A byte that is not UTF-8, as ``errors="surrogateescape"`` decodes it.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 # Line numbers kept per skip reason, for the report.
 _MAX_EXAMPLES = 5
 # Batches per bucket: a bucket of batch_size * 50 shuffled examples is sorted by length.
@@ -82,12 +89,16 @@ class SkipReport:
         rows: Rows read after the header (kept + skipped).
         skipped: Reason -> count, e.g. ``{"empty label": 2}``.
         examples: Reason -> the first few 1-based file line numbers (the header is line 1).
+        duplicate_ids: Kept rows whose id an earlier row of the file already had.
+        duplicate_examples: The first few of those as (line, line of the earlier row).
     """
 
     file: str
     rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[int]] = field(default_factory=dict)
+    duplicate_ids: int = 0
+    duplicate_examples: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_skipped(self) -> int:
@@ -100,6 +111,33 @@ class SkipReport:
         lines = self.examples.setdefault(reason, [])
         if len(lines) < _MAX_EXAMPLES:
             lines.append(line)
+
+    def add_duplicate(self, line: int, first: int) -> None:
+        """Count one kept row whose id already appeared at line ``first``."""
+        self.duplicate_ids += 1
+        if len(self.duplicate_examples) < _MAX_EXAMPLES:
+            self.duplicate_examples.append((line, first))
+
+    def duplicates_warning(self) -> str | None:
+        """One line on the repeated ids, or None when every id is unique."""
+        if not self.duplicate_ids:
+            return None
+        where = ", ".join(f"line {a} repeats line {b}" for a, b in self.duplicate_examples)
+        more = ", ..." if self.duplicate_ids > len(self.duplicate_examples) else ""
+        n = self.duplicate_ids
+        return (
+            f"{self.file}: {n} row{'s' if n > 1 else ''} repeat an earlier row's id "
+            f"({where}{more}); predictions for a repeated id are ambiguous to a grader"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report for ``data_report.json``."""
+        return {
+            "file": self.file,
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "duplicate_ids": self.duplicate_ids,
+        }
 
     def __str__(self) -> str:
         head = f"{self.file}: skipped {self.total_skipped} of {self.rows} rows"
@@ -153,10 +191,6 @@ def _required_columns(task: str, split: str) -> tuple[str, ...]:
     return ("id", *_TEXT_COLUMNS[task], *label)
 
 
-def _parse_line(line: str) -> list[str]:
-    return next(csv.reader((line,), delimiter="\t"))
-
-
 def _unquote(text: str) -> str:
     """Undo one extra level of csv quoting, only when the field is well-formed for it."""
     if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
@@ -182,16 +216,44 @@ def _parse_label(task: str, text: str) -> tuple[int | float | None, str | None]:
     return (value, None) if ok else (None, "label out of range")
 
 
-def _read_header(path: Path) -> list[str]:
-    with path.open("rb") as fh:
-        first = fh.readline()
-    try:
-        text = first.decode("utf-8-sig").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: header line is not UTF-8") from None
-    if not text.strip():
+def _records(path: Path) -> Iterator[tuple[int, int, list[str]]]:
+    """Yield ``(first line, last line, fields)`` per record of a tab-separated file, header first.
+
+    The csv module does the parsing: it accepts LF, CRLF and bare-CR line endings and reads a
+    quoted field that holds a line break as one record (numbered by the line it starts on).
+    Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) so that a bad
+    row is found and reported by itself, not by failing the whole file; see :func:`_not_utf8`.
+    """
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        start = 1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise DataError(f"{path}: line {start}: cannot be parsed ({err})") from None
+            yield start, reader.line_num, row
+            start = reader.line_num + 1
+
+
+def _not_utf8(row: list[str]) -> bool:
+    return any(_UNDECODABLE.search(value) for value in row)
+
+
+def _header(path: Path, records: Iterator[tuple[int, int, list[str]]]) -> list[str]:
+    first = next(records, None)
+    if first is None or not "".join(first[2]).strip():
         raise DataError(f"{path}: empty file or empty header line")
-    return _parse_line(text)
+    if _not_utf8(first[2]):
+        raise DataError(f"{path}: header line is not UTF-8")
+    return first[2]
+
+
+def _read_header(path: Path) -> list[str]:
+    with contextlib.closing(_records(path)) as records:
+        return _header(path, records)
 
 
 def _locate_columns(path: Path, header: list[str], task: str, split: str) -> dict[str, int]:
@@ -207,11 +269,15 @@ def _locate_columns(path: Path, header: list[str], task: str, split: str) -> dic
 def read_split(data_dir: Path, task: str, split: str) -> RawSplit:
     """Read and validate one split.
 
-    Columns are located by header name. A row is skipped, and counted by reason, when it is a
-    blank line, is not UTF-8, has a column count other than the header's, has an empty id, or
-    (train/dev) has an empty label, a label that is not a number, or a label out of range
-    (sst: an integer 0..4, para: 0 or 1, sts: 0..5). Sentences are whitespace-stripped and may be
-    empty; Quora's sentences are unquoted once more (see ``_QUOTED_TWICE``).
+    The csv module parses the file (tab-separated; LF, CRLF or bare-CR line endings; a quoted
+    field may hold tabs, quotes and line breaks). Columns are located by header name. A row is
+    unusable when it is a blank line, is not UTF-8, has a column count other than the header's,
+    has an empty id, or (train/dev) has an empty label, a label that is not a number, or a label
+    out of range (sst: an integer 0..4, para: 0 or 1, sts: 0..5). In train and dev such a row is
+    skipped and counted by reason; in test only a blank line may be skipped, since a submission
+    must cover every test id. Sentences are whitespace-stripped and may be empty; Quora's
+    sentences are unquoted once more (see ``_QUOTED_TWICE``). Ids that repeat an earlier row's
+    id are kept and counted in the report (:meth:`SkipReport.duplicates_warning`).
 
     Args:
         data_dir: Folder with the csv files.
@@ -222,65 +288,93 @@ def read_split(data_dir: Path, task: str, split: str) -> RawSplit:
         The validated split with its :class:`SkipReport`.
 
     Raises:
-        DataError: The file is missing, has no header, or lacks a required column.
+        DataError: The file is missing, has no header, lacks a required column, has no data
+            row, has no usable row, or (test) has a row that is unusable; the message names the
+            file (and the line and reason).
     """
     name = split_file(task, split)
     path = Path(data_dir) / name
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    header = _read_header(path)
-    cols = _locate_columns(path, header, task, split)
-    text_cols = [cols[c] for c in _TEXT_COLUMNS[task]]
-    label_col = cols.get(_LABEL_COLUMN[task])
-    unquote = task in _QUOTED_TWICE
-
-    report = SkipReport(file=name)
-    ids: list[str] = []
-    texts: list[list[str]] = [[] for _ in text_cols]
-    labels: list[Any] = []
-    with path.open("rb") as fh:
-        fh.readline()
-        for lineno, raw_line in enumerate(fh, start=2):
-            report.rows += 1
-            try:
-                line = raw_line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                report.add("not UTF-8", lineno)
-                continue
-            if not line.strip():
-                report.add("blank line", lineno)
-                continue
-            try:
-                row = _parse_line(line)
-            except csv.Error:
-                report.add("unparsable line", lineno)
-                continue
-            if len(row) != len(header):
-                report.add("wrong column count", lineno)
-                continue
-            example_id = row[cols["id"]].strip()
-            if not example_id:
-                report.add("empty id", lineno)
-                continue
-            if label_col is not None:
-                label, reason = _parse_label(task, row[label_col])
-                if reason is not None:
-                    report.add(reason, lineno)
-                    continue
-                labels.append(label)
-            ids.append(example_id)
-            for out, col in zip(texts, text_cols, strict=True):
-                text = row[col].strip()
-                out.append(_unquote(text) if unquote else text)
+    with contextlib.closing(_records(path)) as records:
+        header = _header(path, records)
+        cols = _locate_columns(path, header, task, split)
+        report, ids, texts, labels = _read_rows(path, records, header, cols, task, split)
+    if report.rows == 0:
+        raise DataError(f"{path}: no data rows after the header")
+    if not ids and split != "test":
+        raise DataError(f"{path}: no usable row: {report}")
     return RawSplit(
         task=task,
         split=split,
         ids=ids,
         text_a=texts[0],
         text_b=texts[1] if len(texts) > 1 else None,
-        labels=labels if label_col is not None else None,
+        labels=labels,
         report=report,
     )
+
+
+def _read_rows(
+    path: Path,
+    records: Iterator[tuple[int, int, list[str]]],
+    header: list[str],
+    cols: dict[str, int],
+    task: str,
+    split: str,
+) -> tuple[SkipReport, list[str], list[list[str]], list[Any] | None]:
+    text_cols = [cols[c] for c in _TEXT_COLUMNS[task]]
+    label_col = cols.get(_LABEL_COLUMN[task])
+    unquote = task in _QUOTED_TWICE
+
+    report = SkipReport(file=path.name)
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    texts: list[list[str]] = [[] for _ in text_cols]
+    labels: list[Any] = []
+    for lineno, last, row in records:
+        report.rows += 1
+        reason = _unusable(row, len(header), cols["id"], multiline=last > lineno)
+        label = None
+        if reason is None and label_col is not None:
+            label, reason = _parse_label(task, row[label_col])
+        if reason is not None:
+            if split == "test" and reason != "blank line":
+                raise DataError(
+                    f"{path}: line {lineno}: {reason}; a test row cannot be skipped, since the "
+                    "submission must hold a prediction for every test id"
+                )
+            report.add(reason, lineno)
+            continue
+        example_id = row[cols["id"]].strip()
+        if example_id in first_line:
+            report.add_duplicate(lineno, first_line[example_id])
+        else:
+            first_line[example_id] = lineno
+        if label_col is not None:
+            labels.append(label)
+        ids.append(example_id)
+        for out, col in zip(texts, text_cols, strict=True):
+            text = row[col].strip()
+            out.append(_unquote(text) if unquote else text)
+    return report, ids, texts, labels if label_col is not None else None
+
+
+def _unusable(row: list[str], columns: int, id_col: int, multiline: bool) -> str | None:
+    """Why a parsed row cannot be used whatever the split, or None."""
+    if not row or not "".join(row).strip():
+        return "blank line"
+    if _not_utf8(row):
+        return "not UTF-8"
+    if len(row) != columns:
+        # A quote that opens a field and never closes makes the csv module read on over the
+        # following lines: name that likely cause, at the line where the record starts.
+        if multiline:
+            return "wrong column count over several lines (unclosed quote?)"
+        return "wrong column count"
+    if not row[id_col].strip():
+        return "empty id"
+    return None
 
 
 def _take(raw: RawSplit, keep: Sequence[int]) -> RawSplit:
@@ -356,10 +450,10 @@ def _check_file(path: Path, name: str, min_rows: Mapping[str, int]) -> str | Non
     task, split = _task_split_of(name)
     try:
         _locate_columns(path, _read_header(path), task, split)
+        with contextlib.closing(_records(path)) as records:
+            rows = sum(1 for _ in records) - 1
     except DataError as err:
         return str(err).removeprefix(f"{path}: ")
-    with path.open("rb") as fh:
-        rows = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b"")) - 1
     need = min_rows.get(name, 1)
     if rows < need:
         return f"only {rows} data rows, expected at least {need}"
@@ -433,6 +527,63 @@ def download_data(
         os.replace(tmp, dest)
         logger.info("downloaded %s", dest)
     return folder
+
+
+def local_copy_problem(folder: Path) -> str | None:
+    """Why ``folder`` does not hold a usable copy of the data, or None when it does.
+
+    Usable is what training reads: every task's train and dev file, each with its columns (the
+    readers' own header check); test files are optional (no test predictions without them) but
+    checked when present. Unlike :func:`download_data`'s checks, neither the published checksums
+    nor its row counts are asked for, so a local copy or subset of the data passes.
+    """
+    folder = Path(folder)
+    for task in TASK_FILES:
+        for split in SPLITS:
+            path = folder / split_file(task, split)
+            if not path.is_file():
+                if split == "test":
+                    continue
+                return f"{path}: no such file"
+            try:
+                _locate_columns(path, _read_header(path), task, split)
+            except DataError as err:
+                return str(err)
+    return None
+
+
+def ensure_data(
+    folder: Path,
+    base_url: str = DEFAULT_BASE_URL,
+    *,
+    min_rows: Mapping[str, int] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Keep a usable copy of the data in ``folder``, else download the published data into it.
+
+    For cluster setup: a folder someone filled (a copy from another machine, a subset) is used as
+    it is, so a node without internet sets up; only when a file that training reads is missing or
+    lacks its columns is :func:`download_data` called, which verifies and fills the folder.
+
+    Args:
+        folder: The data folder (``MTL_DATA_DIR`` of the cluster).
+        base_url: As for :func:`download_data`.
+        min_rows: As for :func:`download_data`.
+        timeout: As for :func:`download_data`.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        DataError: The folder is not usable and the download failed.
+    """
+    folder = Path(folder)
+    problem = local_copy_problem(folder)
+    if problem is None:
+        logger.info("%s: a usable copy of the data is there; nothing downloaded", folder)
+        return folder
+    logger.info("%s; downloading the published data", problem)
+    return download_data(folder, base_url, min_rows=min_rows, timeout=timeout)
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
@@ -668,6 +819,8 @@ class TaskData:
         test: Task -> encoded test split, only for tasks whose test file exists.
         reports: One :class:`SkipReport` per file read.
         missing: Names of absent test files, e.g. ``quora-test-student.csv``.
+        test_rows: Task -> rows of its test file, before any subsample: fewer in
+            :attr:`test` means its test predictions are not a whole submission.
     """
 
     train: dict[str, Encoded]
@@ -675,6 +828,11 @@ class TaskData:
     test: dict[str, Encoded]
     reports: list[SkipReport]
     missing: list[str]
+    test_rows: dict[str, int] = field(default_factory=dict)
+
+
+# The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
+EVAL_SUBSAMPLE_SEED = 0
 
 
 def load_task_data(
@@ -688,14 +846,16 @@ def load_task_data(
 
     Training splits lose the ids in ``exclude[task]`` (held out elsewhere, e.g. by the
     contrastive stage) and are subsampled to ``cfg.max_train_examples``; dev and test splits are
-    subsampled to ``cfg.max_eval_examples``; both with ``seed``. Every report that skipped rows,
+    subsampled to ``cfg.max_eval_examples`` with the fixed seed :data:`EVAL_SUBSAMPLE_SEED`, so runs
+    under different seeds are scored on the same dev examples (their spread is training noise
+    only, and paired comparisons see every example on both sides). Every report that skipped rows,
     and the list of absent test files, is logged as a warning on the ``mtl.data`` logger.
 
     Args:
         cfg: The data section of the config.
         tokenizer: A Hugging Face fast tokenizer.
         design: 1 or 2 (see :func:`encode`).
-        seed: Seeds the subsamples.
+        seed: Seeds the training subsamples.
         exclude: Task -> training ids to leave out.
 
     Returns:
@@ -715,6 +875,8 @@ def load_task_data(
             data.reports.append(raw.report)
             if raw.report.skipped:
                 logger.warning("%s", raw.report)
+            if raw.report.duplicate_ids:
+                logger.warning("%s", raw.report.duplicates_warning())
             if split == "train":
                 dropped = (exclude or {}).get(task)
                 if dropped:
@@ -723,7 +885,9 @@ def load_task_data(
                     logger.info("%s: held out %d training examples", task, before - len(raw))
                 raw = subsample(raw, cfg.max_train_examples, seed)
             else:
-                raw = subsample(raw, cfg.max_eval_examples, seed)
+                if split == "test":
+                    data.test_rows[task] = len(raw)
+                raw = subsample(raw, cfg.max_eval_examples, EVAL_SUBSAMPLE_SEED)
             target = {"train": data.train, "dev": data.dev, "test": data.test}[split]
             target[task] = encode(raw, tokenizer, cfg.max_length, design)
     if data.missing:

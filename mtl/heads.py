@@ -14,11 +14,13 @@ that runs the model, so regularizers can reuse them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 
 from mtl.bert import BertModel
@@ -91,11 +93,16 @@ class MultitaskBert(nn.Module):
             }
         )
 
-    def word_embeddings(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Input word embeddings of the batch (second sentence too in design 1): what SMART perturbs."""
-        table = self.encoder.embeddings.word_embeddings
-        second = table(batch.input_ids_b) if batch.input_ids_b is not None else None
-        return table(batch.input_ids), second
+    def embedding_output(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedding layer's output (after its LayerNorm and dropout), (batch, seq, hidden)
+        per sentence (the second too in design 1): what SMART perturbs."""
+        embeddings = self.encoder.embeddings
+
+        def run(ids: torch.Tensor, token_types: torch.Tensor | None) -> torch.Tensor:
+            return embeddings(embeddings.word_embeddings(ids), token_types)
+
+        second = run(batch.input_ids_b, None) if batch.input_ids_b is not None else None
+        return run(batch.input_ids, batch.token_type_ids), second
 
     def encode(
         self,
@@ -103,14 +110,14 @@ class MultitaskBert(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None,
         task: str,
-        inputs_embeds: torch.Tensor | None = None,
+        embedding_output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pooled embedding (batch, hidden) of one encoder pass."""
         out = self.encoder(
-            None if inputs_embeds is not None else input_ids,
+            None if embedding_output is not None else input_ids,
             attention_mask,
             token_type_ids,
-            inputs_embeds=inputs_embeds,
+            embedding_output=embedding_output,
             task=task,
         )
         return pool(out.last_hidden_state, attention_mask, self.pooling)
@@ -118,16 +125,17 @@ class MultitaskBert(nn.Module):
     def forward(
         self,
         batch: Batch,
-        embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        embedding_output: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> TaskOutput:
         """Run the encoder and the batch's task head.
 
         Args:
             batch: one task's padded batch.
-            embeds: optional replacement word embeddings (first, second sentence), e.g. perturbed.
+            embedding_output: optional replacement for the embedding layer's output (first,
+                second sentence), (batch, seq, hidden) each, e.g. perturbed by SMART.
         """
         task = batch.task
-        emb_a, emb_b = embeds if embeds is not None else (None, None)
+        emb_a, emb_b = embedding_output if embedding_output is not None else (None, None)
         if batch.input_ids_b is None:
             u = self.encode(
                 batch.input_ids, batch.attention_mask, batch.token_type_ids, task, emb_a
@@ -189,17 +197,33 @@ def predict(task: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
-    """Pearson correlation; 0 when either side is constant (undefined correlation)."""
+def pearson_undefined(pred: np.ndarray, gold: np.ndarray) -> str | None:
+    """Why the Pearson correlation of ``pred`` and ``gold`` is undefined, or None when it is not.
+
+    It is undefined for fewer than two examples and when either side is constant (a zero
+    variance in the denominator).
+    """
     pred = np.asarray(pred, dtype=np.float64)
     gold = np.asarray(gold, dtype=np.float64)
-    if pred.std() == 0 or gold.std() == 0:
-        return 0.0
-    return float(np.corrcoef(pred, gold)[0, 1])
+    if pred.size < 2:
+        return f"{pred.size} example{'' if pred.size == 1 else 's'}"
+    if np.ptp(pred) == 0:
+        return f"every prediction is {pred[0]:g}"
+    if np.ptp(gold) == 0:
+        return f"every gold score is {gold[0]:g}"
+    return None
 
 
-def task_metric(task: str, pred: np.ndarray, gold: np.ndarray) -> float:
-    """sst and para: accuracy; sts: Pearson correlation."""
+def pearson(pred: np.ndarray, gold: np.ndarray) -> float | None:
+    """Pearson correlation (``scipy.stats.pearsonr``); None when undefined (see
+    :func:`pearson_undefined`), never a number that looks real."""
+    if pearson_undefined(pred, gold) is not None:
+        return None
+    return float(stats.pearsonr(np.asarray(pred, np.float64), np.asarray(gold, np.float64))[0])
+
+
+def task_metric(task: str, pred: np.ndarray, gold: np.ndarray) -> float | None:
+    """sst and para: accuracy; sts: Pearson correlation (None when undefined)."""
     if task == "sts":
         return pearson(pred, gold)
     return float((np.asarray(pred) == np.asarray(gold)).mean())
@@ -208,12 +232,14 @@ def task_metric(task: str, pred: np.ndarray, gold: np.ndarray) -> float:
 METRIC_NAMES = TASK_METRICS
 
 
-def overall_score(metrics: dict[str, float]) -> float:
+def overall_score(metrics: Mapping[str, float | None]) -> float:
     """The CS224N overall score ``(sst_acc + para_acc + (sts_pearson + 1) / 2) / 3``.
 
-    With fewer tasks configured, the mean over the tasks present (Pearson still rescaled).
+    With fewer tasks configured, the mean over the tasks present (Pearson still rescaled). An
+    undefined Pearson correlation (None) counts as 0, i.e. no correlation, so the score stays a
+    number that checkpoint selection can compare; :func:`pearson_undefined` says why.
     """
     parts = [metrics[m] for m in ("sst_acc", "para_acc") if m in metrics]
     if "sts_pearson" in metrics:
-        parts.append((metrics["sts_pearson"] + 1.0) / 2.0)
+        parts.append(((metrics["sts_pearson"] or 0.0) + 1.0) / 2.0)
     return sum(parts) / len(parts)

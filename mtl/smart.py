@@ -4,31 +4,54 @@ Jiang et al. 2020, "SMART: Robust and Efficient Fine-Tuning for Pre-trained Natu
 Models through Principled Regularized Optimization", https://arxiv.org/abs/1911.03437. The
 training objective becomes (their equation 1, the paper's section 4.3)
 
-    F(theta) = L(theta) + lambda * R_s(theta),
-    R_s(theta) = 1/n sum_i max_{x~_i} l_s(f(x~_i; theta), f(x_i; theta)),
+    F(theta) = L(theta) + lambda_s * R_s(theta),
+    R_s(theta) = 1/n sum_i max_{||x~_i - x_i||_p <= epsilon} l_s(f(x~_i; theta), f(x_i; theta)),
 
-where x_i are the input word embeddings and x~_i their perturbation. As in the code the paper
-cites (archinetai/vat-pytorch's ``SMARTLoss``; MT-DNN's ``SmartPerturbation`` is the same idea),
-the inner max is approximated by K ascent steps from Gaussian noise:
+where x_i is the output of the embedding layer (word + position + token-type embeddings after
+their LayerNorm), the input the encoder layers see, and x~_i its perturbation. As in MT-DNN, the
+perturbation is added to that output, where every token vector has LayerNorm's scale (median L2
+norm about 10 on MiniLM), never to the raw word embeddings before the LayerNorm (about 9 times
+smaller there). The inner max is approximated by K ascent steps from Gaussian noise, with one of
+two update rules (``smart.update``):
 
-    delta_0 = sigma * N(0, I)
-    delta_{k+1} = normalize(delta_k + eta * grad_delta l_s(f(x + delta_k), f(x)))
-    R_s = l_s(f(x + delta_K), f(x))
+* ``normalized_step`` (the default), SMART's Algorithm 1 (lines 5-9) as namisan/mt-dnn's
+  ``mt_dnn/perturbation.py`` implemented it when the paper came out (commit 0d6201e,
+  ``SmartPerturbation._norm_grad``)::
 
-``normalize`` divides each token's perturbation by its own norm plus epsilon (infinity norm by
-default, L2 as an option), so epsilon is only the small constant that keeps the division finite
-and every token ends up with a perturbation of norm about 1. Read literally as a ball of radius
-epsilon = 1e-6, R_s would be about 1e-12 on MiniLM; with the per-token normalisation it is about
-1e-2. As in vat-pytorch the perturbation is detached after each ascent step, so the gradient of R_s
-with respect to the parameters is taken at a fixed perturbation. l_s is the symmetric KL divergence
-for classification (the paraphrase logit read as a two-class distribution) and the squared error
-for regression.
+      delta_0 = sigma * N(0, I)
+      g_k = grad_delta l_s(f(x + delta_k), f(x))
+      delta_{k+1} = delta_k + eta * g_k / (||g_k|| + epsilon)      (norm per token)
 
-The module has three layers: pure tensor functions (the divergences, the normalisation, one ascent
-step), the one function that re-runs the model (:func:`smart_regularizer`), and the glue the
-training loop calls (:class:`Regularizer`), which also holds SMART's optional Bregman proximal point
-term: mu * l_s(f(x; theta), f(x; theta~)) against a momentum copy theta~ of the model, updated after
-every optimizer step as theta~ <- beta * theta~ + (1 - beta) * theta (their equations 2 and 3).
+  The gradient is normalised, not the perturbation, so every token moves by eta (in the chosen
+  norm) in the direction that increases the divergence most: a perturbation of order eta = 1e-3,
+  under 1% of a token vector, pointing where the model is least smooth. Like that code we do not
+  project onto the epsilon ball (Algorithm 1's Pi), so epsilon is only the constant that keeps
+  the division finite.
+
+* ``unit_norm``, archinetai/vat-pytorch's ``SMARTLoss`` (which the seed paper cites) and later
+  MT-DNN (``perturbation.py`` at commit 676b48b): the whole perturbation, noise plus step, is
+  rescaled to norm 1 per token::
+
+      delta_{k+1} = (delta_k + eta * g_k) / (||delta_k + eta * g_k|| + epsilon)
+
+  Much larger (with the inf norm, over half a token vector's L2 norm on MiniLM) but still on the
+  embedding layer's output, so the input stays recognisable (median cosine with the clean token
+  vector above 0.7).
+
+``||.||`` is the infinity norm (``smart.norm: inf``, both references' default) or the L2 norm.
+The perturbation is detached after each step, so the gradient of R_s with respect to the
+parameters is taken at a fixed perturbation. l_s is the symmetric KL divergence for
+classification (the paraphrase logit read as a two-class distribution) and the squared error for
+regression.
+
+The module has three layers: pure tensor functions (the divergences, the normalisation, the two
+update rules), the one function that re-runs the model (:func:`smart_regularizer`), and the glue
+the training loop calls (:class:`Regularizer`). The glue owns SMART's randomness: the noise and
+the dropout of SMART's extra passes draw from SMART's own seeded generator inside
+``torch.random.fork_rng``, so with ``weight: 0`` a run is identical to a run without SMART. It
+also holds SMART's optional Bregman proximal point term: mu * l_s(f(x; theta), f(x; theta~))
+against a momentum copy theta~ of the model, updated after every optimizer step as
+theta~ <- beta * theta~ + (1 - beta) * theta (their equations 2 and 3).
 """
 
 from __future__ import annotations
@@ -118,9 +141,29 @@ def normalize(delta: Tensor, norm: str, epsilon: float) -> Tensor:
     return delta / (size + epsilon)
 
 
-def ascent_step(delta: Tensor, grad: Tensor, eta: float, norm: str, epsilon: float) -> Tensor:
-    """One ascent step on the divergence, then the per-token normalisation (no autograd)."""
-    return normalize(delta.detach() + eta * grad.detach(), norm, epsilon)
+def ascent_step(
+    delta: Tensor, grad: Tensor, eta: float, norm: str, epsilon: float, update: str
+) -> Tensor:
+    """One update of the perturbation (no autograd), by one of the two rules of the module doc.
+
+    Args:
+        delta: (batch, seq, hidden) current perturbation delta_k.
+        grad: (batch, seq, hidden) gradient of the divergence with respect to ``delta``.
+        eta: the step size.
+        norm: ``inf`` or ``l2``, per token.
+        epsilon: keeps the division finite.
+        update: ``normalized_step`` (SMART's Algorithm 1: delta + eta * g / ||g||) or
+            ``unit_norm`` (vat-pytorch: (delta + eta * g) / ||delta + eta * g||).
+
+    Returns:
+        delta_{k+1}, detached.
+    """
+    delta, grad = delta.detach(), grad.detach()
+    if update == "normalized_step":
+        return delta + eta * normalize(grad, norm, epsilon)
+    if update == "unit_norm":
+        return normalize(delta + eta * grad, norm, epsilon)
+    raise ValueError(f"update must be 'normalized_step' or 'unit_norm', got {update!r}")
 
 
 def initial_noise(embeds: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
@@ -133,45 +176,47 @@ def initial_noise(embeds: Tensor, sigma: float, generator: torch.Generator | Non
 # The one function that re-runs the model
 
 
-def _perturbed_logits(model: MultitaskBert, batch: Batch, embeds: Sequence[Tensor]) -> Tensor:
-    second = embeds[1] if len(embeds) > 1 else None
-    return model(batch, embeds=(embeds[0], second)).logits
+def _perturbed_logits(model: MultitaskBert, batch: Batch, hidden: Sequence[Tensor]) -> Tensor:
+    second = hidden[1] if len(hidden) > 1 else None
+    return model(batch, embedding_output=(hidden[0], second)).logits
 
 
 def adversarial_perturbation(
     model: MultitaskBert,
     batch: Batch,
+    embedding_output: Sequence[Tensor],
     target: Tensor,
     cfg: SmartConfig,
-    generator: torch.Generator | None = None,
 ) -> list[Tensor]:
-    """The perturbation delta_K of the word embeddings, after K ascent steps from noise.
+    """The perturbation delta_K of the embedding layer's output, after K ascent steps from noise.
 
     Args:
         model: the multitask model, in whatever train/eval mode the caller chose.
         batch: one task's batch.
+        embedding_output: the clean embedding-layer output of each sentence, (batch, seq, hidden)
+            each (used detached): one, or two for a design-1 pair.
         target: the clean output the divergence is measured against (used detached).
-        cfg: sigma, eta, epsilon, steps (K) and norm.
-        generator: random state of the initial noise (None: torch's global one).
+        cfg: sigma, eta, epsilon, steps (K), norm and update rule.
 
     Returns:
-        One detached (batch, seq, hidden) tensor per perturbed sentence: one, or two for a
-        design-1 pair, each with its own noise.
+        One detached (batch, seq, hidden) tensor per sentence, each started from its own noise
+        drawn from torch's global random state (the caller isolates it, see
+        :class:`Regularizer`).
     """
-    embeds = [e.detach() for e in model.word_embeddings(batch) if e is not None]
-    noise = [initial_noise(e, cfg.sigma, generator) for e in embeds]
+    hidden = [h.detach() for h in embedding_output]
+    delta = [initial_noise(h, cfg.sigma) for h in hidden]
     target = target.detach()
     for _ in range(cfg.steps):
-        noise = [n.requires_grad_() for n in noise]
+        delta = [d.requires_grad_() for d in delta]
         with torch.enable_grad():
-            perturbed = [e + n for e, n in zip(embeds, noise, strict=True)]
+            perturbed = [h + d for h, d in zip(hidden, delta, strict=True)]
             div = divergence(batch.task, _perturbed_logits(model, batch, perturbed), target)
-            grads = torch.autograd.grad(div, noise)
-        noise = [
-            ascent_step(n, g, cfg.eta, cfg.norm, cfg.epsilon)
-            for n, g in zip(noise, grads, strict=True)
+            grads = torch.autograd.grad(div, delta)
+        delta = [
+            ascent_step(d, g, cfg.eta, cfg.norm, cfg.epsilon, cfg.update)
+            for d, g in zip(delta, grads, strict=True)
         ]
-    return noise
+    return delta
 
 
 def smart_regularizer(
@@ -179,24 +224,23 @@ def smart_regularizer(
     batch: Batch,
     clean_logits: Tensor,
     cfg: SmartConfig,
-    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """R_s of one batch: the divergence at the adversarially perturbed word embeddings.
+    """R_s of one batch: the divergence at the adversarially perturbed embedding-layer output.
 
     Args:
         model: the multitask model.
         batch: one task's batch.
         clean_logits: the model's output on the unperturbed batch, with its graph: R_s
             backpropagates through it as well as through the perturbed run.
-        cfg: sigma, eta, epsilon, steps (K) and norm.
-        generator: random state of the initial noise (None: torch's global one).
+        cfg: sigma, eta, epsilon, steps (K), norm and update rule.
 
     Returns:
-        The scalar R_s; its gradient is taken at the fixed (detached) perturbation.
+        The scalar R_s; its gradient is taken at the fixed (detached) perturbation and flows
+        into every parameter, the embedding layer's included.
     """
-    delta = adversarial_perturbation(model, batch, clean_logits, cfg, generator)
-    embeds = [e for e in model.word_embeddings(batch) if e is not None]
-    perturbed = [e + d for e, d in zip(embeds, delta, strict=True)]
+    hidden = [h for h in model.embedding_output(batch) if h is not None]
+    delta = adversarial_perturbation(model, batch, hidden, clean_logits, cfg)
+    perturbed = [h + d for h, d in zip(hidden, delta, strict=True)]
     return divergence(batch.task, _perturbed_logits(model, batch, perturbed), clean_logits)
 
 
@@ -242,16 +286,38 @@ class Regularizer:
     """Adds lambda * R_s (and the optional Bregman term) to each batch's loss and logs them.
 
     With ``cfg.enabled`` false every method is a no-op and nothing is computed. With weight 0,
-    R_s is computed and logged but detached, so neither the loss nor the gradients change.
+    R_s is computed and logged but not added, so neither the loss nor the gradients change.
+
+    SMART's randomness is its own: before each batch's R_s, a seed drawn from SMART's generator
+    (seeded with ``seed``) seeds torch inside ``torch.random.fork_rng``, so the initial noise and
+    the dropout of the extra passes never consume the training loop's random state, and the
+    generator's state goes into checkpoints (:meth:`state_dict`) so a resumed run draws the same.
     """
 
-    def __init__(self, cfg: SmartConfig, model: nn.Module, total_steps: int) -> None:
+    def __init__(self, cfg: SmartConfig, model: nn.Module, total_steps: int, seed: int = 0) -> None:
         self.cfg = cfg
         self.total_steps = total_steps
         use_teacher = cfg.enabled and cfg.bregman
         self.teacher = MomentumTeacher(model) if use_teacher else None
+        self.generator = torch.Generator().manual_seed(seed)
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """SMART's random state, for a checkpoint."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        self.generator.set_state(state["generator"])
+
+    def _regularizer(self, model: MultitaskBert, batch: Batch, logits: Tensor) -> Tensor:
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        device = logits.device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return smart_regularizer(model, batch, logits, self.cfg)
 
     def _record(self, name: str, value: Tensor) -> None:
         self._sums[name] = self._sums.get(name, 0.0) + value.item()
@@ -261,7 +327,7 @@ class Regularizer:
         """``loss + weight * R_s (+ mu * Bregman)`` for one batch whose clean output is ``logits``."""
         if not self.cfg.enabled:
             return loss
-        r_s = smart_regularizer(model, batch, logits, self.cfg)
+        r_s = self._regularizer(model, batch, logits)
         self._record(f"smart_{batch.task}", r_s)
         if self.cfg.weight > 0:
             loss = loss + self.cfg.weight * r_s

@@ -20,6 +20,8 @@ called after every dev evaluation.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import itertools
 import json
 import logging
@@ -39,19 +41,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtl import contrastive, smart
 from mtl import data as data_lib
 from mtl import pal as pal_lib
-from mtl.backbones import load_tokenizer, resolve_backbone
-from mtl.bert import BertModel
+from mtl.backbones import Backbone, load_backbone
+from mtl.bert import BertModel, CheckpointError, key_problems
 from mtl.config import Config
 from mtl.heads import (
     METRIC_NAMES,
     MultitaskBert,
     overall_score,
+    pearson_undefined,
     predict,
     task_loss,
     task_metric,
@@ -64,10 +68,16 @@ PREDICTION_HEADERS = {
     "para": "Predicted_Is_Paraphrase",
     "sts": "Predicted_Similiary",  # sic: the CS224N grader's spelling
 }
+# The run folder's dev predictions and gold labels at the best evaluation so far.
+DEV_PREDICTIONS_FILE = "dev_predictions.csv"
 
 
 class Reporter(Protocol):
-    """Receives the dev metrics and a resumable checkpoint folder after every evaluation."""
+    """Receives the dev metrics and a resumable checkpoint folder after every evaluation.
+
+    An undefined metric (STS Pearson of a constant prediction) is NaN here, null in
+    ``metrics.json``.
+    """
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: Path) -> None: ...
 
@@ -228,10 +238,18 @@ def eval_positions(plan_len: int, epoch: int, cfg: Config) -> list[int]:
     return sorted({math.ceil(j * plan_len / per_epoch) for j in range(1, per_epoch + 1)})
 
 
-def _optimizer_steps(plan_len: int, evals: list[int], accum: int) -> int:
-    """Optimizer steps in one epoch: gradients are flushed at each evaluation and the epoch's end."""
+def accumulation_windows(plan_len: int, evals: list[int], accum: int) -> list[int]:
+    """Batches in each optimizer step of one epoch, in order.
+
+    Gradients are accumulated over ``accum`` batches, but flushed at each evaluation and at the
+    epoch's end, so a window cut short there holds fewer batches; each step averages exactly the
+    batches its window holds. 13 batches, ``accum`` 4, evaluations after 7 and 13:
+    ``[4, 3, 4, 2]``.
+    """
     bounds = sorted({0, *evals, plan_len})
-    return sum(math.ceil((b - a) / accum) for a, b in itertools.pairwise(bounds))
+    return [
+        min(accum, b - start) for a, b in itertools.pairwise(bounds) for start in range(a, b, accum)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +277,22 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     autocast,
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Dev metrics (per task and overall) and the predictions behind them."""
+) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
+    """Dev metrics (per task and overall) and the predictions behind them.
+
+    An undefined STS Pearson correlation is None, with a warning that says why; the overall
+    score counts it as 0 (:func:`mtl.heads.overall_score`).
+    """
     metrics, preds = {}, {}
     for task, enc in dev.items():
         preds[task] = predict_split(model, enc, batch_size, device, autocast)
         metrics[METRIC_NAMES[task]] = task_metric(task, preds[task], enc.labels.numpy())
+        if task == "sts" and metrics["sts_pearson"] is None:
+            log.warning(
+                "dev sts_pearson is undefined (%s): recorded as null; the overall score counts "
+                "it as 0",
+                pearson_undefined(preds[task], enc.labels.numpy()),
+            )
     metrics["overall"] = overall_score(metrics)
     return metrics, preds
 
@@ -276,6 +304,28 @@ def write_predictions(path: Path, task: str, ids: list[str], preds: np.ndarray) 
         value = f"{p:.6f}" if task == "sts" else str(int(p))
         lines.append(f"{i} , {value} \n")
     path.write_text("".join(lines))
+
+
+def write_dev_predictions(
+    path: Path, dev: dict[str, data_lib.Encoded], preds: dict[str, np.ndarray]
+) -> None:
+    """Every dev prediction beside its gold label: a CSV ``task,id,prediction,gold``.
+
+    Written at each new best evaluation (so also for trials a scheduler stops), whatever
+    ``train.write_predictions`` says: :mod:`analysis.paired` compares trials on these rows
+    without reloading a model. Floats are written exactly (``repr``); the file is replaced
+    atomically.
+    """
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["task", "id", "prediction", "gold"])
+    for task, enc in dev.items():
+        cast = float if task == "sts" else int
+        for row in zip(enc.ids, preds[task].tolist(), enc.labels.tolist(), strict=True):
+            out.writerow([task, row[0], repr(cast(row[1])), repr(cast(row[2]))])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,12 +351,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
-    teacher: nn.Module | None = None,
+    regularizer: smart.Regularizer,
 ) -> None:
     """Write a resumable checkpoint atomically (temporary folder, then rename).
 
-    ``teacher`` is SMART's Bregman momentum copy of the model, when there is one.
+    ``regularizer`` contributes SMART's random state and its Bregman momentum copy of the
+    model, when there is one.
     """
+    teacher = regularizer.teacher.model if regularizer.teacher is not None else None
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -321,6 +373,7 @@ def save_checkpoint(
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy_rng": json.dumps(_numpy_state()),
             "python_rng": json.dumps(random.getstate()),
+            "smart": regularizer.state_dict(),
         },
         tmp / "trainer.pt",
     )
@@ -336,6 +389,22 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
+def _load_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from None
+    problems = key_problems(model.state_dict(), state)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{path} does not fit this run's model (was it written with another config?): "
+            + "; ".join(problems[:3])
+            + more
+        )
+    model.load_state_dict(state)
+
+
 def _numpy_state() -> list[Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
@@ -346,13 +415,19 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    teacher: nn.Module | None = None,
+    regularizer: smart.Regularizer,
 ) -> TrainState:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state."""
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    if teacher is not None:
-        teacher.load_state_dict(load_file(path / "teacher.safetensors"))
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop state.
+
+    Raises:
+        CheckpointError: a weights file is unreadable or does not fit this run's model (one
+            line naming the file and the first keys).
+    """
+    _load_weights(model, path / "model.safetensors")
+    if regularizer.teacher is not None:
+        _load_weights(regularizer.teacher.model, path / "teacher.safetensors")
     extra = torch.load(path / "trainer.pt", weights_only=True)
+    regularizer.load_state_dict(extra["smart"])
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
@@ -416,10 +491,14 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def load_data(cfg: Config) -> data_lib.TaskData:
-    """Tokenized train/dev/test data for ``cfg`` (what a search builds once and shares)."""
-    tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
-    return data_lib.load_task_data(cfg.data, tokenizer, cfg.model.design, cfg.seed)
+def load_data(cfg: Config, backbone: Backbone | None = None) -> data_lib.TaskData:
+    """Tokenized train/dev/test data for ``cfg`` (what a search builds once and shares).
+
+    The backbone is checked against ``cfg`` (:func:`mtl.backbones.load_backbone`) before any
+    data is tokenized, unless ``backbone`` is one already checked.
+    """
+    backbone = backbone if backbone is not None else load_backbone(cfg)
+    return data_lib.load_task_data(cfg.data, backbone.tokenizer, cfg.model.design, cfg.seed)
 
 
 def train(
@@ -458,17 +537,17 @@ def train(
     device = _device(cfg)
     autocast = _autocast(cfg, device)
 
-    backbone_dir = resolve_backbone(cfg.model.backbone)
+    # The backbone, its config, tokenizer and weights checked once, before any data is tokenized.
+    backbone = load_backbone(cfg)
+    weights = backbone.read_weights(backbone_state)
     if data is None:
-        data = load_data(cfg)
-    stage1 = contrastive.stage1_for_run(cfg, run_dir, device, autocast)
+        data = load_data(cfg, backbone)
+    stage1 = contrastive.stage1_for_run(cfg, run_dir, data, device, autocast)
     data = contrastive.exclude_stage1(data, stage1)  # a filtered copy; the shared data is intact
     (run_dir / "data_report.json").write_text(
         json.dumps(
             {
-                "skipped": [
-                    {"file": r.file, "rows": r.rows, "skipped": r.skipped} for r in data.reports
-                ],
+                "skipped": [r.to_dict() for r in data.reports],
                 "missing_test_files": data.missing,
                 "train_examples": {t: len(e) for t, e in data.train.items()},
                 "dev_examples": {t: len(e) for t, e in data.dev.items()},
@@ -477,7 +556,8 @@ def train(
         )
     )
 
-    model = build_model(cfg, backbone_dir, stage1.path if stage1 else None, backbone_state)
+    model = build_model(cfg, backbone.folder, stage1.path if stage1 else None, weights)
+    del weights  # the model holds its own copy
     model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.peak_lr)
     tasks = [t for t in cfg.data.tasks if t in data.train]
@@ -486,7 +566,8 @@ def train(
     accum = cfg.train.grad_accum_steps
     plans_len = [len(epoch_plan(train_sets, cfg, e)) for e in range(cfg.train.epochs)]
     total_steps = sum(
-        _optimizer_steps(n, eval_positions(n, e, cfg), accum) for e, n in enumerate(plans_len)
+        len(accumulation_windows(n, eval_positions(n, e, cfg), accum))
+        for e, n in enumerate(plans_len)
     )
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -494,11 +575,10 @@ def train(
         optimizer, linear_schedule(total_steps, cfg.train.warmup_ratio)
     )
 
-    regularizer = smart.Regularizer(cfg.smart, model, total_steps)
-    teacher = regularizer.teacher.model if regularizer.teacher is not None else None
+    regularizer = smart.Regularizer(cfg.smart, model, total_steps, seed=cfg.seed)
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, teacher)
+        state = load_checkpoint(Path(resume_from), model, optimizer, scheduler, regularizer)
         log.info("resumed from %s at epoch %d, batch %d", resume_from, state.epoch, state.position)
 
     writer = _tensorboard(run_dir)
@@ -538,6 +618,8 @@ def train(
         while state.epoch < cfg.train.epochs and not stop:
             plan = epoch_plan(train_sets, cfg, state.epoch)
             evals = eval_positions(len(plan), state.epoch, cfg)
+            # The size of the window each batch belongs to: its loss is divided by it.
+            window = [n for n in accumulation_windows(len(plan), evals, accum) for _ in range(n)]
             model.train()
             for pos in range(state.position, len(plan)):
                 item = plan[pos]
@@ -551,18 +633,18 @@ def train(
                         f"training loss became {total.item()} at step {state.step} "
                         f"(epoch {state.epoch}, task {item.task})"
                     )
-                (total / accum).backward()
+                (total / window[pos]).backward()
                 meter.add(item.task, loss.item())
                 epoch_loss.add(item.task, loss.item())
                 pending += 1
                 state.position = pos + 1
                 at_eval = state.position in evals
-                if pending == accum or at_eval or state.position == len(plan):
+                if pending == window[pos]:
                     optimizer_step()
                 stop = cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
                 if at_eval or stop:
                     model.eval()
-                    metrics, _ = evaluate(model, dev_sets, eval_bs, device, autocast)
+                    metrics, preds = evaluate(model, dev_sets, eval_bs, device, autocast)
                     model.train()
                     state.evaluation += 1
                     metrics.update(
@@ -572,24 +654,29 @@ def train(
                         train_loss=epoch_loss.overall(),
                     )
                     epoch_loss.reset()
-                    if metrics[sel] > state.best:
-                        state.best, state.best_metrics = metrics[sel], dict(metrics)
+                    # An undefined metric counts as 0 here, as in the overall score.
+                    score = metrics[sel] if metrics[sel] is not None else 0.0
+                    if score > state.best:
+                        state.best, state.best_metrics = score, dict(metrics)
                         _save_best(best_dir, model, cfg, metrics)
+                        write_dev_predictions(run_dir / DEV_PREDICTIONS_FILE, dev_sets, preds)
                     metrics[f"best_{sel}"] = state.best
                     state.history.append(metrics)
                     for key in (*METRIC_NAMES.values(), "overall"):
-                        if key in metrics:
+                        if metrics.get(key) is not None:  # no point for an undefined metric
                             writer.add_scalar(f"dev/{key}", metrics[key], state.step)
                     writer.flush()
                     if state.position == len(plan):
                         state.epoch, state.position = state.epoch + 1, 0
-                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, teacher)
+                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, regularizer)
                     (run_dir / "metrics.json").write_text(
                         json.dumps({"history": state.history, "best": state.best_metrics}, indent=2)
                     )
                     log.info("eval %d: %s", state.evaluation, _fmt(metrics))
                     if reporter is not None:
-                        reporter(dict(metrics), ckpt_dir)
+                        reporter(
+                            {k: math.nan if v is None else v for k, v in metrics.items()}, ckpt_dir
+                        )
                 if stop:
                     break
             if not stop and state.position == len(plan):
@@ -611,9 +698,12 @@ def train(
     return result
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def _fmt(metrics: Mapping[str, float | None]) -> str:
     keys = ("sst_acc", "para_acc", "sts_pearson", "overall")
-    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    values = {
+        k: "undefined" if metrics[k] is None else f"{metrics[k]:.4f}" for k in keys if k in metrics
+    }
+    return " ".join(f"{k}={v}" for k, v in values.items())
 
 
 def _progress(cfg: Config, total: int, done: int):
@@ -642,7 +732,8 @@ def _write_hparams(writer, cfg: Config, best: dict[str, float]) -> None:
 
     flat = _flatten(cfg.to_dict())
     hp = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
-    metric = {f"hparam/{k}": v for k, v in best.items() if k in ("overall", *METRIC_NAMES.values())}
+    names = ("overall", *METRIC_NAMES.values())
+    metric = {f"hparam/{k}": v for k, v in best.items() if k in names and v is not None}
     exp, ssi, sei = hparams(hp, metric)
     fw = writer._get_file_writer()
     for summary in (exp, ssi, sei):
@@ -679,10 +770,19 @@ def _write_all_predictions(
                 write_predictions(
                     out_dir / f"{task}-{split}-output.csv", task, sets[task].ids, preds
                 )
+    partial = [
+        f"{task}-test-output.csv: {len(data.test[task])} of {data.test_rows[task]} test ids"
+        for task in tasks
+        if task in data.test and len(data.test[task]) < data.test_rows.get(task, 0)
+    ]
+    notes = []
     if data.missing:
-        (out_dir / "MISSING.txt").write_text(
-            "No test predictions for these absent files:\n" + "\n".join(data.missing) + "\n"
-        )
+        notes += ["No test predictions for these absent files:", *data.missing]
+    if partial:
+        notes += ["Test predictions for a subsample only (data.max_eval_examples):", *partial]
+        log.warning("test predictions are not a whole submission: %s", "; ".join(partial))
+    if notes:
+        (out_dir / "MISSING.txt").write_text("\n".join(notes) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,7 +794,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from mtl.backbones import BackboneError
-    from mtl.bert import CheckpointError
     from mtl.config import ConfigError, add_set_argument, load_config
 
     parser = argparse.ArgumentParser(prog="python -m mtl.train", description=__doc__.split("\n")[0])

@@ -3,12 +3,13 @@
 # retrained on all the training data and ensembled, then the paper's ablation grids (Tables 1-5)
 # with MiniLM on CPU at a small budget, then the analysis of each experiment.
 # Resumable: run it again and each search continues (--resume) instead of starting over.
-# Usage: [EXAMPLES=N EPOCHS=N LR=X GRIDS="..."] results/run_reference.sh [STORAGE]
+# Usage: [EXAMPLES=N EPOCHS=N LR=X GRIDS="..." PARTS="..."] results/run_reference.sh [STORAGE]
 #   STORAGE defaults to ../mtl-reference-runs, outside the repo: the experiments hold model
 #   checkpoints; only tables, plots, reports and predictions are kept here. EXAMPLES (training
 #   examples per task, default 1000), EPOCHS (default 2), LR (the grids' fixed learning rate,
 #   default: the trainer's per-mode default, the paper's) and GRIDS (default: all four) set the
-#   grids' budget; results/BUDGET.md records what each committed table ran with.
+#   grids' budget; results/BUDGET.md records what each committed table ran with. PARTS (default
+#   "quick grids") picks what runs: quick (quick.yaml, its retrain and ensembles) and/or grids.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 storage=$(realpath -m "${1:-../mtl-reference-runs}")
@@ -25,7 +26,7 @@ budget=(
   --set base.train.batch_size=16
   --set base.train.device=cpu
   --set base.train.num_threads=1
-  --set "base.contrastive.max_examples=${EXAMPLES:-1000}"
+  --set base.contrastive.max_val_examples=1000
   --set base.contrastive.epochs=2
   --set resources_per_trial.cpu=1
   --set resources_per_trial.gpu=0
@@ -46,27 +47,36 @@ search() {  # search FILE NAME [extra --set ...]
 
 grids=${GRIDS:-tables_1_2_design_mode_routine table_3_design_smart table_4_design_routine_pal \
 table_5_design_routine_contrastive}
-search search_spaces/quick.yaml quick --set "experiment.storage_path=$storage"
-# The ensemble's members: quick's top 3 configurations again on all the local training data.
-if [ ! -f results/quick-retrain/retrain.yaml ]; then
-  mkdir -p results/quick-retrain
-  python -m analysis.retrain "$storage/quick" --top-k 3 --out results/quick-retrain/retrain.yaml \
-    --set "experiment.storage_path=$storage" --set base.data.max_train_examples=null \
-    --set base.data.max_eval_examples=null --set base.train.epochs=1
+parts=${PARTS:-quick grids}
+if [[ " $parts " == *" quick "* ]]; then
+  search search_spaces/quick.yaml quick --set "experiment.storage_path=$storage"
+  # The ensemble's members: quick's top 3 configurations again on all the local training data.
+  if [ ! -f results/quick-retrain/retrain.yaml ]; then
+    mkdir -p results/quick-retrain
+    python -m analysis.retrain "$storage/quick" --top-k 3 --out results/quick-retrain/retrain.yaml \
+      --set "experiment.storage_path=$storage" --set base.data.max_train_examples=null \
+      --set base.data.max_eval_examples=null --set base.train.epochs=1
+  fi
+  search results/quick-retrain/retrain.yaml quick-retrain
 fi
-search results/quick-retrain/retrain.yaml quick-retrain
-for grid in $grids; do
-  search "search_spaces/ablations/$grid.yaml" "$grid" "${budget[@]}"
-done
-if [ ! -f results/quick/ensemble/ensemble.json ]; then
-  python -m analysis.importance "$storage/quick" --out results/quick
-  python -m analysis.ensemble "$storage/quick" --top-k 3 --out results/quick
-  python -m analysis.report "$storage/quick" --out results/quick
+if [[ " $parts " == *" grids "* ]]; then
+  for grid in $grids; do
+    search "search_spaces/ablations/$grid.yaml" "$grid" "${budget[@]}"
+  done
 fi
-if [ ! -f results/quick-retrain/ensemble/ensemble.json ]; then
-  python -m analysis.ensemble "$storage/quick-retrain" --top-k 3 --out results/quick-retrain
-  python -m analysis.report "$storage/quick-retrain" --out results/quick-retrain
+if [[ " $parts " == *" quick "* ]]; then
+  if [ ! -f results/quick/ensemble/ensemble.json ]; then
+    python -m analysis.importance "$storage/quick" --out results/quick
+    python -m analysis.ensemble "$storage/quick" --top-k 3 --out results/quick
+    python -m analysis.report "$storage/quick" --out results/quick
+  fi
+  if [ ! -f results/quick-retrain/ensemble/ensemble.json ]; then
+    python -m analysis.ensemble "$storage/quick-retrain" --top-k 3 --out results/quick-retrain
+    python -m analysis.report "$storage/quick-retrain" --out results/quick-retrain
+  fi
 fi
-for grid in $grids; do
-  python -m analysis.report "$storage/$grid" --out "results/$grid"
-done
+if [[ " $parts " == *" grids "* ]]; then
+  for grid in $grids; do
+    python -m analysis.report "$storage/$grid" --out "results/$grid"
+  done
+fi

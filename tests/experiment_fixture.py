@@ -6,7 +6,7 @@
   layers) and head dropout, then the top two configurations again with seed 1; every trial writes
   its dev and test predictions.
 * ``grid``: the shipped Table 3 grid (``search_spaces/ablations/table_3_design_smart.yaml``) with
-  its base swapped for the tiny BERT and a one-epoch budget.
+  its base swapped for the tiny BERT and a one-epoch budget, and two of its three seeds (0, 1).
 
 Both run ``python -m mtl.search`` in a subprocess (its own local Ray), as in test_search_run.py.
 """
@@ -83,6 +83,7 @@ def grid_space(root: Path, backbone: Path, data_dir: Path) -> Path:
             "train": {"epochs": 1, "eval_every": 1, "batch_size": 32, "write_predictions": False},
         },
     )
+    raw["parameters"]["seed"]["choices"] = [0, 1]
     raw["search"]["max_concurrent_trials"] = 1
     raw["resources_per_trial"] = {"cpu": 1, "gpu": 0}
     path = root / GRID_FILE.name

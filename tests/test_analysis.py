@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from analysis import ensemble, importance, report, retrain, tables
-from analysis.common import METRICS, read_predictions, run_main
+from analysis import ensemble, importance, paired, report, retrain, tables
+from analysis.common import METRICS, AnalysisError, load_experiment, read_predictions, run_main
 from mtl import data as data_lib
 from mtl.search.space import grid_points, load_space
 from tests.conftest import REPO
@@ -86,7 +87,7 @@ def _check_rows_against_results(csv: Path, trials: pd.DataFrame, md: str) -> Non
 
 def test_table_rows_equal_results_csv_and_repeats(analysis_experiments, tmp_path):
     exp = analysis_experiments.search
-    assert tables.main([str(exp), "--out", str(tmp_path)]) == 0
+    assert tables.main([str(exp), "--out", str(tmp_path), "--resamples", "199"]) == 0
     trials = _trial_keys(exp)
     folder = tmp_path / "tables"
     conf = pd.read_csv(folder / "configurations.csv", dtype={"best_trial": str})
@@ -98,7 +99,7 @@ def test_table_rows_equal_results_csv_and_repeats(analysis_experiments, tmp_path
         assert row["configuration"].startswith(f"design {key[0]}")
         assert (" + RR" in row["configuration"]) == (key[2] == "round_robin")
     # Paper tables for the designs present: Table 1 and/or 2, with the paper's four rows.
-    written = sorted(p.stem for p in folder.glob("table_*.csv"))
+    written = sorted(p.stem for p in folder.glob("table_?.csv"))
     designs = {k[0] for k in trials["key"]}
     assert written == [f"table_{d}" for d in sorted(designs)]
     for name in written:
@@ -134,7 +135,7 @@ def test_table_rows_equal_results_csv_and_repeats(analysis_experiments, tmp_path
 
 def test_grid_tables_have_the_papers_rows(analysis_experiments, tmp_path):
     exp = analysis_experiments.grid
-    assert tables.main([str(exp), "--out", str(tmp_path)]) == 0
+    assert tables.main([str(exp), "--out", str(tmp_path), "--resamples", "199"]) == 0
     folder = tmp_path / "tables"
     t3 = pd.read_csv(folder / "table_3.csv")
     assert list(t3["configuration"]) == [
@@ -143,7 +144,8 @@ def test_grid_tables_have_the_papers_rows(analysis_experiments, tmp_path):
         "design 2 w/o SMART",
         "design 2 w/ SMART",
     ]
-    assert list(t3["trials"]) == [1, 1, 1, 1] and list(t3["completed"]) == [1, 1, 1, 1]
+    assert list(t3["trials"]) == [2, 2, 2, 2] and list(t3["completed"]) == [2, 2, 2, 2]
+    assert list(t3["seeds"]) == [2, 2, 2, 2]  # the grid's seed axis: mean ± std over 2 seeds
     assert list(t3["paper_overall"]) == [0.740, 0.685, 0.773, 0.766]
     _check_rows_against_results(
         folder / "table_3.csv", _trial_keys(exp), (folder / "table_3.md").read_text()
@@ -151,7 +153,7 @@ def test_grid_tables_have_the_papers_rows(analysis_experiments, tmp_path):
     # The grid's "w/o SMART" cells are also Table 1's and Table 2's "Finetune w/ RR".
     for design in (1, 2):
         t = pd.read_csv(folder / f"table_{design}.csv").set_index("configuration")
-        assert t.loc["Finetune w/ RR", "trials"] == 1 and t["trials"].sum() == 1
+        assert t.loc["Finetune w/ RR", "trials"] == 2 and t["trials"].sum() == 2
 
 
 EXPECTED_ROWS = {
@@ -188,7 +190,7 @@ EXPECTED_ROWS = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
 def test_every_ablation_grid_fills_its_paper_table(name):
-    """Each shipped grid, one trial per cell: its paper table has every row, each from one trial."""
+    """Each shipped grid, three seeds per cell: its paper table has every row, each from three."""
     space = load_space(ABLATIONS / name)
     rows = []
     for i, point in enumerate(grid_points(space)):
@@ -201,7 +203,7 @@ def test_every_ablation_grid_fills_its_paper_table(name):
     got = {t.key: s for t, s in tables.paper_tables(trials, "overall")}
     for key, labels in EXPECTED_ROWS[name].items():
         assert list(got[key]["configuration"]) == labels
-        assert list(got[key]["trials"]) == [1] * 4
+        assert list(got[key]["trials"]) == [3] * 4  # seeds 0, 1, 2
     # Table 4's grid also has the PAL-free cells: Table 1's and 2's finetune rows.
     if name.startswith("table_4"):
         assert sorted(got) == ["table_1", "table_2", "table_4"]
@@ -239,6 +241,252 @@ def test_a_stopped_trial_never_stands_unmarked():
     assert shown.loc[1, "Overall Score"] == "0.400†"
     assert shown.loc[1, "Trials"] == "2 (1 stopped, 1 error)"
     assert any(n.startswith("†") and "c: 2 of 4" in n for n in notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparisons (analysis.paired)
+
+
+def _metrics_of(frame: pd.DataFrame) -> dict[str, float]:
+    """Dev metrics of a dev_predictions.csv, computed here with numpy and scipy."""
+    out = {}
+    for task, m in (("sst", "sst_acc"), ("para", "para_acc"), ("sts", "sts_pearson")):
+        rows = frame[frame["task"] == task]
+        if task != "sts":
+            out[m] = float((rows["prediction"] == rows["gold"]).mean())
+        elif rows["prediction"].std() == 0:
+            out[m] = 0.0
+        else:
+            out[m] = float(scipy.stats.pearsonr(rows["prediction"], rows["gold"]).statistic)
+    out["overall"] = (out["sst_acc"] + out["para_acc"] + (out["sts_pearson"] + 1) / 2) / 3
+    return out
+
+
+def test_every_trial_keeps_its_dev_predictions_at_its_best_evaluation(analysis_experiments):
+    """Stopped trials too, and with write_predictions false (the grid): the file's metrics are
+    the trial's recorded best ones."""
+    for exp in (analysis_experiments.search, analysis_experiments.grid):
+        df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
+        ok = df[df["status"] != "error"]
+        if exp == analysis_experiments.search:
+            assert (ok["status"] == "stopped").any()
+        for row in ok.to_dict("records"):
+            frame = paired.read_dev_predictions(Path(row["trial_dir"]) / "dev_predictions.csv")
+            got = _metrics_of(frame)
+            for m in METRICS:
+                assert got[m] == pytest.approx(row[f"best.{m}"], abs=1e-12), (row["trial_id"], m)
+
+
+def _independent(pairs: list[tuple[pd.DataFrame, pd.DataFrame]], resamples: int, seed: int):
+    """B - A per metric: scipy.stats.bootstrap and permutation_test with scalar, unvectorized
+    statistics written here with scipy.stats.pearsonr and dictionaries of ids."""
+    tasks = ("sst", "para", "sts")
+    union: dict[str, list[str]] = {}
+    for t in tasks:
+        seen: dict[str, None] = {}
+        for pair in pairs:
+            for f in pair:
+                seen.update(dict.fromkeys(f.loc[f["task"] == t, "id"]))
+        union[t] = list(seen)
+    lookup = [
+        [
+            {
+                t: dict(
+                    zip(
+                        f.loc[f["task"] == t, "id"],
+                        f.loc[f["task"] == t, "prediction"],
+                        strict=True,
+                    )
+                )
+                for t in tasks
+            }
+            for f in pair
+        ]
+        for pair in pairs
+    ]
+    gold = {t: {} for t in tasks}
+    for pair in pairs:
+        for f in pair:
+            for t in tasks:
+                rows = f[f["task"] == t]
+                gold[t].update(zip(rows["id"], rows["gold"], strict=True))
+
+    def metric(t: str, preds: list[float], golds: list[float]) -> float:
+        if t != "sts":
+            return float(np.mean(np.array(preds) == np.array(golds)))
+        if np.std(preds) == 0:
+            return 0.0
+        return float(scipy.stats.pearsonr(preds, golds).statistic)
+
+    def diff(m: str, ids: dict[str, list[str]], swap: set[str]) -> float:
+        per_pair = []
+        for sides in lookup:
+            parts = {}
+            for t in tasks:
+                common = [i for i in ids[t] if i in sides[0][t] and i in sides[1][t]]
+                a = [sides[1 if i in swap else 0][t][i] for i in common]
+                b = [sides[0 if i in swap else 1][t][i] for i in common]
+                g = [gold[t][i] for i in common]
+                parts[t] = (metric(t, b, g), metric(t, a, g))
+            if m == "overall":
+                s = [parts["sst"], parts["para"], tuple((v + 1) / 2 for v in parts["sts"])]
+                per_pair.append(sum(x - y for x, y in s) / 3)
+            else:
+                t = {"sst_acc": "sst", "para_acc": "para", "sts_pearson": "sts"}[m]
+                per_pair.append(parts[t][0] - parts[t][1])
+        return float(np.mean(per_pair))
+
+    samples = tuple(np.arange(len(union[t])) for t in tasks)
+    flat = [(t, i) for t in tasks for i in union[t]]
+    out = {}
+    for m in METRICS:
+
+        def boot(*idx, m=m):
+            return diff(m, {t: [union[t][k] for k in idx[n]] for n, t in enumerate(tasks)}, set())
+
+        def perm(x, y, m=m):
+            swapped = {flat[k - len(flat)][1] for k in x if k >= len(flat)}
+            return diff(m, union, swapped)
+
+        ci = scipy.stats.bootstrap(
+            samples,
+            boot,
+            n_resamples=resamples,
+            batch=paired.BATCH,
+            vectorized=False,
+            paired=False,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+        p = scipy.stats.permutation_test(
+            (np.arange(len(flat)), np.arange(len(flat)) + len(flat)),
+            perm,
+            permutation_type="samples",
+            n_resamples=resamples,
+            batch=paired.PERMUTATION_BATCH,
+            vectorized=False,
+            rng=np.random.default_rng(seed),
+        ).pvalue
+        out[m] = (diff(m, union, set()), ci.low, ci.high, p)
+    return out
+
+
+GRID_ROWS = {
+    "design 1 w/o SMART": (1, False),
+    "design 1 w/ SMART": (1, True),
+    "design 2 w/o SMART": (2, False),
+    "design 2 w/ SMART": (2, True),
+}
+
+
+def test_grid_comparisons_equal_an_independent_scipy_computation(analysis_experiments, tmp_path):
+    exp = analysis_experiments.grid
+    argv = [str(exp), "--out", str(tmp_path), "--resamples", "199", "--seed", "3"]
+    assert tables.main(argv) == 0
+    folder = tmp_path / "tables"
+    comp = pd.read_csv(folder / "table_3_comparisons.csv", dtype={"base_trials": str})
+    pairs = {(r["base"], r["variant"], r["changed"]) for r in comp.to_dict("records")}
+    assert pairs == {
+        ("design 1 w/o SMART", "design 1 w/ SMART", "smart"),
+        ("design 2 w/o SMART", "design 2 w/ SMART", "smart"),
+        ("design 1 w/o SMART", "design 2 w/o SMART", "design"),
+        ("design 1 w/ SMART", "design 2 w/ SMART", "design"),
+    }
+    df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
+    t3 = pd.read_csv(folder / "table_3.csv").set_index("configuration")
+    paper = {r.label: r.paper for r in tables.PAPER_TABLES[2].rows}
+    md = (folder / "table_3.md").read_text()
+    for row in comp.to_dict("records"):
+        assert row["seeds"] == 2
+        sides = []
+        for label in (row["base"], row["variant"]):
+            design, smart = GRID_ROWS[label]
+            runs = df[(df["param.design"] == design) & (df["param.smart"] == smart)]
+            sides.append(
+                {
+                    int(r["param.seed"]): paired.read_dev_predictions(
+                        Path(r["trial_dir"]) / "dev_predictions.csv"
+                    )
+                    for r in runs.to_dict("records")
+                }
+            )
+        want = _independent([(sides[0][s], sides[1][s]) for s in (0, 1)], 199, 3)
+        for n, m in enumerate(METRICS):
+            diff, low, high, p = want[m]
+            assert row[f"{m}_diff"] == pytest.approx(diff, abs=1e-9)
+            assert row[f"{m}_low"] == pytest.approx(low, abs=1e-9)
+            assert row[f"{m}_high"] == pytest.approx(high, abs=1e-9)
+            assert row[f"{m}_p"] == pytest.approx(p, abs=1e-12)
+            assert row[f"{m}_significant"] == (low > 1e-12 or high < -1e-12)
+            # Same seed, same dev examples: the mean paired difference is the difference of
+            # the rows' means over seeds.
+            means = t3.loc[row["variant"], f"{m}_mean"] - t3.loc[row["base"], f"{m}_mean"]
+            assert row[f"{m}_diff"] == pytest.approx(means, abs=1e-9)
+            # The paper's difference, from its single runs, beside ours.
+            assert row[f"paper_{m}_diff"] == pytest.approx(
+                paper[row["variant"]][n] - paper[row["base"]][n]
+            )
+        line = next(x for x in md.splitlines() if x.startswith(f"| {row['comparison']} |"))
+        assert line.count("*") == sum(bool(row[f"{m}_significant"]) for m in METRICS)
+    forest = pd.read_csv(folder / "table_3_forest.csv")
+    for row in comp.to_dict("records"):
+        for m in METRICS:
+            got = forest[(forest["comparison"] == row["comparison"]) & (forest["metric"] == m)]
+            assert got["difference"].item() == pytest.approx(row[f"{m}_diff"])
+            assert got["low"].item() == pytest.approx(row[f"{m}_low"])
+    assert (folder / "table_3_forest.png").stat().st_size > 0
+    assert r"\begin{tabular}" in (folder / "table_3_comparisons.tex").read_text()
+
+
+def _planted(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every other example of each task predicted exactly (prediction := gold)."""
+    out = frame.copy()
+    half = out.groupby("task").cumcount() % 2 == 0
+    out.loc[half, "prediction"] = out.loc[half, "gold"]
+    return out
+
+
+def test_itself_gives_zero_and_a_planted_difference_is_detected(analysis_experiments):
+    exp = load_experiment(analysis_experiments.grid)
+    best = exp.results.sort_values("best.overall", ascending=False)["trial_id"].iloc[0]
+    runs = tables.row_runs(exp, best)
+    assert len(runs) == 2  # both seeds of the best configuration
+    same = tables.compare_runs(exp, runs, runs, "itself", 199, 0)
+    assert same["seeds"] == 2 and not same["note"]
+    for m in METRICS:
+        assert same[f"{m}_diff"] == 0 and same[f"{m}_low"] == same[f"{m}_high"] == 0
+        assert same[f"{m}_p"] == 1 and not same[f"{m}_significant"]
+    frames = [paired.read_dev_predictions(paired.prediction_file(exp, t)) for t in runs.values()]
+    for pairs in ([(frames[0], _planted(frames[0]))], [(f, _planted(f)) for f in frames]):
+        results, _ = paired.compare(pairs, "planted", resamples=199)
+        for c in results:
+            assert c.difference > 0 and c.low > 0 and c.significant, c
+            assert c.p_value < 0.05, c
+
+
+def test_top_trials_say_whether_the_best_is_a_tie(analysis_experiments, tmp_path):
+    exp = analysis_experiments.search
+    assert tables.main([str(exp), "--out", str(tmp_path), "--resamples", "199"]) == 0
+    folder = tmp_path / "tables"
+    top = pd.read_csv(folder / "top_trials_comparisons.csv", dtype={"base": str, "variant": str})
+    df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str}).set_index("trial_id")
+    ok = df[df["status"] != "error"]
+    ranked = pd.concat(
+        [
+            ok[ok["status"] == "completed"].sort_values("best.overall", ascending=False),
+            ok[ok["status"] != "completed"].sort_values("best.overall", ascending=False),
+        ]
+    ).index[:5]
+    assert list(top["variant"]) == [ranked[0]] * 4 and list(top["base"]) == list(ranked[1:])
+    assert (df.loc[top["base"], "status"] == "stopped").any()  # read at its best evaluation
+    md = (folder / "top_trials.md").read_text()
+    for row in top.to_dict("records"):
+        want = df.loc[row["variant"], "best.overall"] - df.loc[row["base"], "best.overall"]
+        assert row["overall_diff"] == pytest.approx(want, abs=1e-9)
+        verdict = next(
+            x for x in md.splitlines() if x.startswith(f"- {row['variant']} vs {row['base']}:")
+        )
+        assert ("a tie" in verdict) == (not row["overall_significant"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +673,7 @@ def test_report_links_every_plot_and_table(analysis_experiments):
     exp, data_dir = analysis_experiments.search, analysis_experiments.data_dir
     # The whole dev set, into EXP/analysis.
     assert ensemble.main([str(exp), "--top-k", "2", "--include-stopped"]) == 0
-    assert report.main([str(exp)]) == 0
+    assert report.main([str(exp), "--resamples", "199"]) == 0
     folder = exp / "analysis"
     text = (folder / "report.md").read_text()
     links = set(re.findall(r"\]\(([^)#]+)\)", text))
@@ -439,6 +687,9 @@ def test_report_links_every_plot_and_table(analysis_experiments):
     ]
     outputs = [o for o in outputs if o != "report.md"]
     assert outputs and not sorted(set(outputs) - links)
+    # The best trial against the next ones, under "Best trials", before the tables.
+    best = text.split("## Best trials")[1].split("## Tables")[0]
+    assert "against the next ones" in best and "tables/top_trials_forest.png" in best
     # The command reruns the design space as it ran (the copy the search keeps in EXP).
     rerun = re.search(r"python -m mtl\.search (\S+)", text)
     assert rerun is not None
@@ -537,6 +788,7 @@ def _no_results(tmp_path: Path) -> str:
             "--rung 9: above the 4 evaluations",
         ),
         (report.main, lambda e, t: [str(e), "--data-dir", str(t / "nodata")], "--data-dir"),
+        (tables.main, lambda e, t: [str(e), "--resamples", "5"], "--resamples 5: give at least"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(
@@ -546,6 +798,21 @@ def test_bad_input_is_one_line_and_status_2(
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("task,id,prediction\nsst,a,1\n", "missing columns gold"),
+        ("task,id,prediction,gold\nmnli,a,1,1\n", "unknown task 'mnli'"),
+        ("", "unreadable (EmptyDataError)"),
+    ],
+)
+def test_a_bad_dev_predictions_file_is_named(tmp_path, text, message):
+    path = tmp_path / "dev_predictions.csv"
+    path.write_text(text)
+    with pytest.raises(AnalysisError, match=re.escape(f"{path}: {message}")):
+        paired.read_dev_predictions(path)
 
 
 def test_the_command_line_prints_no_traceback(tmp_path):
@@ -558,3 +825,24 @@ def test_the_command_line_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such folder"
+
+
+def test_the_two_stage1_losses_are_rows_of_their_own():
+    """Table 5's grid runs both losses: never averaged together, each compared with stage 1 off."""
+    base = {"model": {"design": 2}, "train": {"routine": "round_robin"}}
+    confs = [
+        tables.configuration(base),
+        tables.configuration({**base, "contrastive": {"enabled": True}}),
+        tables.configuration({**base, "contrastive": {"enabled": True, "loss": "infonce"}}),
+    ]
+    assert [c["contrastive"] for c in confs] == [False, "margin", "infonce"]
+    assert [tables.label(c) for c in confs] == [
+        "design 2 + RR",
+        "design 2 + RR + SimCSE",
+        "design 2 + RR + SimCSE (InfoNCE)",
+    ]
+    assert tables.one_choice_pairs(confs) == [
+        (0, 1, "contrastive"),
+        (0, 2, "contrastive"),
+        (1, 2, "contrastive"),
+    ]

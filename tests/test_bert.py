@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -146,7 +145,7 @@ def test_inputs_embeds_equals_input_ids() -> None:
 )
 def test_exactly_one_input_is_required(input_ids, inputs_embeds) -> None:
     model = BertModel(BertConfig(**TINY))
-    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+    with pytest.raises(ValueError, match="exactly one of input_ids, inputs_embeds"):
         model(input_ids, inputs_embeds=inputs_embeds)
 
 
@@ -341,14 +340,18 @@ def test_pytorch_bin_is_read_with_weights_only(tmp_path: Path) -> None:
     assert torch.equal(loaded.pooler.dense.weight, source.pooler.dense.weight)
 
     torch.save({"embeddings.word_embeddings.weight": _Payload()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"pytorch_model\.bin: refused: it holds a pickled tests\.test_bert\._Payload",
+    ):
         BertModel.from_pretrained(tmp_path)
 
 
 def test_folder_without_weights_fails(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     with pytest.raises(
-        FileNotFoundError, match=r"neither model\.safetensors nor pytorch_model\.bin"
+        CheckpointError,
+        match=rf"^{tmp_path}: has neither model\.safetensors nor pytorch_model\.bin",
     ):
         BertModel.from_pretrained(tmp_path)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl.config import Config, ConfigError, load_config, parse_overrides
+from mtl.config import Config, ConfigError, build_config, load_config, parse_overrides
 
 
 def test_defaults_are_the_papers() -> None:
@@ -96,3 +96,21 @@ def test_cli_refuses_a_selection_metric_its_tasks_cannot_produce(tmp_path: Path)
         "error: config (with --set): train.selection_metric: 'sts_pearson' is a metric of task "
         "sts, which is not in data.tasks (sst, para)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (
+            {"contrastive": {"max_examples": 1000}},
+            r"contrastive: .*max_examples was removed: .* max_val_examples",
+        ),
+        (
+            {"contrastive": {"enabled": True}, "data": {"tasks": ["sst", "sts"]}},
+            r"contrastive.enabled needs the para task",
+        ),
+    ],
+)
+def test_stage1_settings_that_cannot_hold_are_one_line(raw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_config(raw)

@@ -47,25 +47,70 @@ def test_margin_loss_gradient_is_finite_for_identical_embeddings() -> None:
 
 
 def test_infonce_by_hand() -> None:
-    """Rows: the duplicates' first sentences; columns: every pair's second sentence."""
-    angles_u, angles_v = [0, 50, 100], [20, 60, 130]
+    """Every pair's first sentence is an anchor; columns: the positives, then the hard negatives."""
+    angles_u, angles_v, angle_view = [0, 50, 100], [20, 60, 130], 55
     u = 3 * torch.tensor([_unit(a) for a in angles_u])
     v = 5 * torch.tensor([_unit(a) for a in angles_v])
+    view = 2 * torch.tensor([_unit(angle_view)])  # pair 1's first sentence, another dropout mask
     y = torch.tensor([1, 0, 1])
     tau = 0.5
+    positives = [angles_v[0], angle_view, angles_v[2]]
+    hard_negatives = [angles_v[1]]  # pair 1 is a non-duplicate: its v is its hard negative
     terms = []
-    for i in (0, 2):  # pair 1 is a non-duplicate: no row, but its v is a hard-negative column
-        sims = [math.cos(math.radians(angles_u[i] - b)) / tau for b in angles_v]
+    for i in range(3):
+        sims = [math.cos(math.radians(angles_u[i] - b)) / tau for b in positives + hard_negatives]
         terms.append(-(sims[i] - math.log(sum(math.exp(s) for s in sims))))
-    loss = contrastive.infonce_loss(u, v, y, temperature=tau)
-    assert loss.item() == pytest.approx(sum(terms) / 2, rel=1e-6)
+    loss = contrastive.infonce_loss(u, v, y, temperature=tau, u_view=view)
+    assert loss.item() == pytest.approx(sum(terms) / 3, rel=1e-6)
 
 
-def test_infonce_without_duplicates_is_zero_and_still_backpropagates() -> None:
+def test_infonce_reads_the_non_duplicates_first_questions() -> None:
+    """A non-duplicate pair's first question is an anchor with its partner in its denominator."""
+    torch.manual_seed(0)
+    u, v, view = torch.randn(8, 16), torch.randn(8, 16), torch.randn(4, 16)
+    y = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0])
+    loss = contrastive.infonce_loss(u, v, y, 0.05, view)
+    changed = u.clone()
+    changed[y == 0] = torch.randn(4, 16)
+    assert contrastive.infonce_loss(changed, v, y, 0.05, view).item() != pytest.approx(
+        loss.item(), rel=1e-4
+    )
+
+
+def test_one_infonce_step_pushes_non_duplicate_pairs_apart(real_data_dir: Path) -> None:
+    """One stage-1 step of MiniLM on real Quora pairs lowers the non-duplicates' cosine."""
+    from mtl.backbones import load_tokenizer, resolve_backbone
+    from mtl.bert import BertModel
+
+    backbone = resolve_backbone("minilm")
+    raw = data_lib.subsample(data_lib.read_split(real_data_dir, "para", "train"), 64, 0)
+    pairs = data_lib.encode(raw, load_tokenizer(backbone), 32, design=1)
+    batch = data_lib.collate(pairs, list(range(len(pairs))))
+    negative = ~batch.labels.bool()
+    assert 0 < int(negative.sum()) < len(pairs)
+    torch.manual_seed(0)
+    encoder = BertModel.from_pretrained(str(backbone))
+
+    def cosine() -> float:
+        encoder.eval()
+        with torch.no_grad():
+            u, v, _ = contrastive._cls_pair(encoder, batch)
+        encoder.train()
+        return torch.cosine_similarity(u[negative], v[negative]).mean().item()
+
+    before = cosine()
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+    u, v, view = contrastive._cls_pair(encoder, batch, views=True)
+    contrastive.infonce_loss(u, v, batch.labels, 0.05, view).backward()
+    optimizer.step()
+    assert cosine() < before - 0.01
+
+
+def test_infonce_with_only_duplicates_is_finite_and_backpropagates() -> None:
     u = torch.randn(3, 4, requires_grad=True)
-    loss = contrastive.infonce_loss(u, torch.randn(3, 4), torch.zeros(3))
+    loss = contrastive.infonce_loss(u, torch.randn(3, 4), torch.ones(3))
     loss.backward()
-    assert loss.item() == 0.0 and u.grad is not None
+    assert torch.isfinite(loss) and u.grad is not None
 
 
 def test_split_is_disjoint_deterministic_and_order_free() -> None:
@@ -79,6 +124,11 @@ def test_split_is_disjoint_deterministic_and_order_free() -> None:
     assert contrastive.split_ids(ids, 0.15, seed=1)[0] != first
 
 
+def _pool(data_dir: Path, n: int = 160, seed: int = 5) -> list[str]:
+    """The Quora training ids a run with ``data.max_train_examples: n`` trains on."""
+    return data_lib.subsample(data_lib.read_split(data_dir, "para", "train"), n, seed).ids
+
+
 def _stage1_config(backbone: Path, data_dir: Path, cache: Path, **stage1: object) -> Config:
     return build_config(
         {
@@ -88,7 +138,7 @@ def _stage1_config(backbone: Path, data_dir: Path, cache: Path, **stage1: object
             "contrastive": {
                 "enabled": True,
                 "cache_dir": str(cache),
-                "max_examples": 24,
+                "max_val_examples": 24,
                 "batch_size": 8,
                 "max_length": 16,
                 "epochs": 1,
@@ -104,24 +154,23 @@ def test_stage1_fraction_is_held_out_of_quora_training(
     from mtl.backbones import load_tokenizer
 
     cfg = _stage1_config(tiny_backbone, real_data_dir, tmp_path / "cache")
-    result = contrastive.run_stage1(cfg)
-    quora = data_lib.read_split(real_data_dir, "para", "train")
-    assert len(result.ids) == round(0.15 * len(set(quora.ids)))
-    assert result.record["train_pairs"] == 24  # max_examples of the stage-1 fraction
     shared = data_lib.load_task_data(
         cfg.data.model_copy(
             update={"tasks": ("para",), "max_train_examples": 400, "max_eval_examples": 8}
         ),
         load_tokenizer(tiny_backbone),
         design=2,
-        seed=0,
+        seed=cfg.seed,
     )
     before = list(shared.train["para"].ids)
+    result = contrastive.run_stage1(cfg, before)
+    # Equal data: stage 1 trains on 15% of exactly the run's 400 pairs, stage 2 on the rest.
+    assert len(result.ids) == result.record["train_pairs"] == round(0.15 * len(before))
     stage2 = contrastive.exclude_stage1(shared, result)
     kept = stage2.train["para"]
     assert not set(kept.ids) & result.ids
-    assert set(kept.ids) == set(before) - result.ids
-    assert 0 < len(before) - len(kept) < len(before)  # about 15% of the 400 go
+    assert set(kept.ids) | result.ids == set(before)
+    assert len(kept) + len(result.ids) == len(before)
     assert shared.train["para"].ids == before  # the shared data is untouched
     assert len(kept.input_ids) == len(kept.labels) == len(kept.lengths) == len(kept)
     position = before.index(kept.ids[0])
@@ -134,22 +183,26 @@ def test_second_run_with_the_same_key_hits_the_cache(
 ) -> None:
     cache = tmp_path / "cache"
     cfg = _stage1_config(tiny_backbone, real_data_dir, cache)
-    first = contrastive.run_stage1(cfg)
-    assert not first.cache_hit and first.steps == 3  # 24 pairs in batches of 8, one epoch
+    pool = _pool(real_data_dir)
+    first = contrastive.run_stage1(cfg, pool)
+    assert not first.cache_hit and first.steps == 3  # 24 of 160 pairs in batches of 8, one epoch
     assert sorted(p.name for p in cache.glob("*.safetensors")) == [f"{first.key}.safetensors"]
     # The same weights under another path share the entry: the backbone enters by content.
     moved = shutil.copytree(tiny_backbone, tmp_path / "elsewhere")
-    second = contrastive.run_stage1(_stage1_config(moved, real_data_dir, cache))
+    second = contrastive.run_stage1(_stage1_config(moved, real_data_dir, cache), pool)
     assert second.cache_hit and second.steps == 0
     assert second.key == first.key and second.ids == first.ids
     assert second.record["steps"] == 3
     # Another seed or another stage-1 setting is another key.
-    reseeded = contrastive.run_stage1(cfg.model_copy(update={"seed": 6}))
+    reseeded = contrastive.run_stage1(cfg.model_copy(update={"seed": 6}), pool)
     assert not reseeded.cache_hit and reseeded.key != first.key
     other_loss = contrastive.run_stage1(
-        _stage1_config(tiny_backbone, real_data_dir, cache, loss="infonce")
+        _stage1_config(tiny_backbone, real_data_dir, cache, loss="infonce"), pool
     )
     assert not other_loss.cache_hit and other_loss.key not in (first.key, reseeded.key)
+    # Another subsample of Quora (another data.max_train_examples) is another key.
+    other_pool = contrastive.run_stage1(cfg, _pool(real_data_dir, 200))
+    assert not other_pool.cache_hit and other_pool.key != first.key
 
 
 def test_runs_that_miss_the_cache_together_train_stage1_once(
@@ -170,7 +223,7 @@ def test_runs_that_miss_the_cache_together_train_stage1_once(
 
     def run() -> None:
         start.wait()
-        results.append(contrastive.run_stage1(cfg))
+        results.append(contrastive.run_stage1(cfg, _pool(real_data_dir)))
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -434,6 +435,10 @@ def test_load_task_data(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
         assert "quora-test-student.csv" in caplog.text
     again = D.load_task_data(cfg, tokenizer, design=2, seed=0, exclude=exclude)
     assert again.train["sst"].ids == data.train["sst"].ids
+    # Another seed: another training subsample, the same dev examples (seeds compare on them).
+    other = D.load_task_data(cfg, tokenizer, design=2, seed=1, exclude=exclude)
+    assert other.train["sst"].ids != data.train["sst"].ids
+    assert all(other.dev[t].ids == data.dev[t].ids for t in data.dev)
 
 
 def test_load_task_data_design_1_subset(tokenizer) -> None:
@@ -566,3 +571,177 @@ def test_download_http_error_names_url(tmp_path: Path) -> None:
     ):
         D.download_data(tmp_path / "cache", base_url=url)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- files as people have them
+
+
+def _rows_of(raw: D.RawSplit) -> list[tuple]:
+    return list(
+        zip(
+            raw.ids,
+            raw.text_a,
+            raw.text_b or [None] * len(raw),
+            raw.labels or [None] * len(raw),
+            strict=True,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("bom", "ending"), [(b"", b"\r"), (b"", b"\r\n"), (b"\xef\xbb\xbf", b"\r")]
+)
+@pytest.mark.parametrize(("task", "split"), [(t, s) for t in D.TASK_FILES for s in D.SPLITS])
+def test_any_line_ending_reads_like_lf(
+    tmp_path: Path, task: str, split: str, bom: bytes, ending: bytes
+) -> None:
+    """Old Mac spreadsheet exports end lines with a bare CR; Windows ones with CRLF."""
+    source = DATA_DIR / D.split_file(task, split)
+    if not source.is_file():
+        pytest.skip(f"{source.name} is not in the local data")
+    lines = source.read_bytes().splitlines()[:40]
+    (tmp_path / "lf").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "lf" / source.name).write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "other" / source.name).write_bytes(bom + ending.join(lines) + ending)
+    expected = D.read_split(tmp_path / "lf", task, split)
+    got = D.read_split(tmp_path / "other", task, split)
+    assert len(got) == len(expected) > 30
+    assert _rows_of(got) == _rows_of(expected)
+    assert got.report == expected.report
+
+
+@pytest.mark.parametrize("split", D.SPLITS)
+def test_quoted_field_with_a_line_break_is_one_row(tmp_path: Path, split: str) -> None:
+    header = HEADERS["sts"] if split != "test" else "\tid\tsentence1\tsentence2"
+    label = "\t4.0" if split != "test" else ""
+    lines = [
+        header,
+        f'0\tx0\t"A man\nplays a guitar."\tA man is playing.{label}',
+        f"1\tx1\tA dog runs.\tA dog is running.{label}",
+        "2\tx2\tonly one sentence",
+    ]
+    if split == "test":
+        lines.pop()
+    _write(tmp_path / D.split_file("sts", split), lines)
+    raw = D.read_split(tmp_path, "sts", split)
+    assert raw.ids == ["x0", "x1"]
+    assert raw.text_a == ["A man\nplays a guitar.", "A dog runs."]
+    assert raw.report.rows == len(lines) - 1
+    if split != "test":
+        # Numbered by the line each record starts on: the header, then two lines for x0.
+        assert raw.report.examples == {"wrong column count": [5]}
+
+
+def test_unclosed_quote_is_named_where_it_starts(tmp_path: Path) -> None:
+    lines = [HEADERS["sst"], GOOD["sst"], '1\tbad\t"an unclosed quote\t2', "2\tlost\tswallowed\t3"]
+    _write(tmp_path / "ids-sst-train.csv", lines)
+    raw = D.read_split(tmp_path, "sst", "train")
+    assert raw.ids == ["good0"]
+    assert raw.report.examples == {"wrong column count over several lines (unclosed quote?)": [3]}
+
+
+@pytest.mark.parametrize("task", list(D.TASK_FILES))
+def test_test_row_that_is_not_utf8_stops_naming_file_and_line(tmp_path: Path, task: str) -> None:
+    """A skipped test row would be an id missing from the submission."""
+    name = D.split_file(task, "test")
+    header = HEADERS[task].rsplit("\t", 1)[0]
+    good = GOOD[task].rsplit("\t", 1)[0]
+    bad = good.replace("good0", "good1").encode().replace(b"0\t", b"1\t", 1) + b" caf\xe9"
+    path = _write(tmp_path / name, [header, good, bad])
+    with pytest.raises(D.DataError, match=rf"^{path}: line 3: not UTF-8; a test row cannot be"):
+        D.read_split(tmp_path, task, "test")
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [("1\t\tA sentence.", "empty id"), ("1\tgood1\tA sentence.\textra", "wrong column count")],
+)
+def test_any_unusable_test_row_stops(tmp_path: Path, row: str, reason: str) -> None:
+    path = _write(
+        tmp_path / "ids-sst-test-student.csv", ["\tid\tsentence", "0\tgood0\tFine.", "", row]
+    )
+    with pytest.raises(D.DataError, match=rf"^{path}: line 4: {reason}; "):
+        D.read_split(tmp_path, "sst", "test")
+
+
+@pytest.mark.parametrize(
+    ("task", "split"), [(t, s) for t in D.TASK_FILES for s in ("train", "dev")]
+)
+def test_split_without_a_usable_row_stops(tmp_path: Path, task: str, split: str) -> None:
+    """SST labels written as words: every row is skipped, and that is an error, not an empty set."""
+    header, good = HEADERS[task], GOOD[task]
+    rows = [good.replace("good0", f"w{i}").rsplit("\t", 1)[0] + "\tpositive" for i in range(3)]
+    path = _write(tmp_path / D.split_file(task, split), [header, *rows])
+    with pytest.raises(
+        D.DataError,
+        match=rf"^{path}: no usable row: .*skipped 3 of 3 rows \(label not a number: 3 at lines 2, 3, 4\)",
+    ):
+        D.read_split(tmp_path, task, split)
+    _write(path, [header])
+    with pytest.raises(D.DataError, match=rf"^{path}: no data rows after the header"):
+        D.read_split(tmp_path, task, split)
+
+
+@pytest.mark.parametrize(("task", "split"), PRESENT)
+def test_duplicated_ids_are_counted_and_warned(
+    tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture, task: str, split: str
+) -> None:
+    for s in D.SPLITS:
+        if (DATA_DIR / D.split_file(task, s)).is_file():
+            shutil.copy(DATA_DIR / D.split_file(task, s), tmp_path / D.split_file(task, s))
+    path = tmp_path / D.split_file(task, split)
+    lines = path.read_bytes().splitlines()[:10]
+    lines += [lines[3], lines[1], lines[3]]  # the rows of lines 4, 2, 4 again at lines 11-13
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    raw = D.read_split(tmp_path, task, split)
+    assert len(raw) == 12 and raw.report.duplicate_ids == 3
+    message = raw.report.duplicates_warning()
+    assert message == (
+        f"{path.name}: 3 rows repeat an earlier row's id (line 11 repeats line 4, line 12 repeats "
+        "line 2, line 13 repeats line 4); predictions for a repeated id are ambiguous to a grader"
+    )
+    cfg = DataConfig(data_dir=str(tmp_path), tasks=(task,), max_train_examples=8)
+    with caplog.at_level(logging.WARNING, logger="mtl.data"):
+        D.load_task_data(cfg, tokenizer, design=2, seed=0)
+    assert message in caplog.text
+    assert caplog.text.count("repeat an earlier row's id") == 1
+
+
+def test_ensure_data_keeps_a_local_copy_that_download_data_rejects(
+    served: Path, tmp_path: Path
+) -> None:
+    """A cluster node without internet sets up from a copy of the data (issue 16, point 4)."""
+    local = tmp_path / "local"
+    shutil.copytree(served / D.DATA_COMMIT / "data", local)
+    (local / "quora-test-student.csv").unlink()  # test files are optional
+    before = {p.name: p.read_bytes() for p in local.iterdir()}
+    with _serve(tmp_path / "nothing-served") as (url, seen):
+        # What the head's setup ran before: the 30-row quora-train.csv is not the published one.
+        with pytest.raises(D.DataError, match=r"quora-train\.csv: download failed: 404"):
+            D.download_data(local, base_url=url)
+        assert D.ensure_data(local, base_url=url) == local
+        assert seen == [f"/{D.DATA_COMMIT}/data/quora-train.csv"]  # download_data's only
+    assert {p.name: p.read_bytes() for p in local.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [("missing", r"sts-dev\.csv: no such file"), ("no columns", r"sts-dev\.csv: missing column")],
+)
+def test_ensure_data_downloads_when_a_file_training_reads_is_unusable(
+    served: Path, tmp_path: Path, damage: str, problem: str
+) -> None:
+    local = tmp_path / "local"
+    shutil.copytree(served / D.DATA_COMMIT / "data", local)
+    if damage == "missing":
+        (local / "sts-dev.csv").unlink()
+    else:
+        (local / "sts-dev.csv").write_text("a\tb\n1\t2\n")
+    assert D.local_copy_problem(local) is not None
+    assert re.search(problem, D.local_copy_problem(local))
+    with _serve(served) as (url, seen):
+        D.ensure_data(local, base_url=url, min_rows=SMALL_ROWS, timeout=5)
+    assert f"/{D.DATA_COMMIT}/data/sts-dev.csv" in seen
+    assert D.local_copy_problem(local) is None
+    assert (local / "sts-dev.csv").read_bytes() == (ORIGINAL_DIR / "sts-dev.csv").read_bytes()

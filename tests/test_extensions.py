@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl import contrastive
-from mtl import data as data_lib
 from mtl.config import Config, build_config
 from mtl.train import load_data, train
 
@@ -23,7 +22,7 @@ EXTENSIONS = {
     "contrastive_margin": {"contrastive": {"enabled": True, "loss": "margin"}},
     "contrastive_infonce": {"contrastive": {"enabled": True, "loss": "infonce"}},
 }
-STAGE1 = {"max_examples": 16, "batch_size": 8, "max_length": 16, "epochs": 1}
+STAGE1 = {"max_val_examples": 16, "batch_size": 4, "max_length": 16, "epochs": 1}
 
 
 def _config(
@@ -107,13 +106,18 @@ def test_short_run(
         assert pal_keys and "encoder.pal.sst.up.weight" in state
         assert state["encoder.pal.sst.up.weight"].abs().max() > 0  # V_up left zero: it trained
     if extension.startswith("contrastive"):
+        # Equal data: stage 1 takes 15% of exactly the pairs the run without it trains on,
+        # stage 2 the other 85%.
         record = json.loads((tmp_path / "stage1.json").read_text())
-        assert record["stage1_pairs"] > 0
-        quora = data_lib.read_split(real_data_dir, "para", "train").ids
-        stage1_ids, _ = contrastive.split_ids(quora, cfg.contrastive.fraction, cfg.seed)
-        held_out = sum(i in stage1_ids for i in before["para"])
+        stage1_ids, stage2_ids = contrastive.split_ids(
+            before["para"], cfg.contrastive.fraction, cfg.seed
+        )
+        assert record["stage1_pairs"] == len(stage1_ids) == round(0.15 * len(before["para"]))
+        assert record["stage2_pairs"] == len(stage2_ids) == len(before["para"]) - len(stage1_ids)
+        assert record["quora_ids_sha256"] == contrastive.ids_digest(before["para"])
+        assert record["stage1_ids_sha256"] == contrastive.ids_digest(stage1_ids)
         report = json.loads((tmp_path / "data_report.json").read_text())
-        assert held_out > 0 and report["train_examples"]["para"] == len(before["para"]) - held_out
+        assert report["train_examples"]["para"] == len(stage2_ids)
         stage1_weights = load_file(record["path"])
         assert any(not torch.equal(stage1_weights[k], pretrained[k]) for k in pretrained)
     if mode == "pretrain":  # the encoder starts from (and keeps) its backbone or stage-1 weights
@@ -135,7 +139,7 @@ def test_stage1_is_trained_once_per_key(
         train(cfg, data=data[2])
         records.append(json.loads((tmp_path / name / "stage1.json").read_text()))
     assert [r["cache_hit"] for r in records] == [False, True]
-    assert records[0]["steps"] == 2 and records[1]["steps"] == 0
+    assert records[0]["steps"] == 2 and records[1]["steps"] == 0  # 5 pairs in batches of 4
     assert records[0]["key"] == records[1]["key"]
 
 
@@ -161,8 +165,7 @@ def test_all_extensions_together(
 def test_resume_with_smart_and_pals_reproduces_the_uninterrupted_run(
     tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, shared
 ) -> None:
-    """SMART's noise comes from torch's global generator, which checkpoints restore; the
-    Bregman teacher is saved beside the model."""
+    """SMART's generator and the Bregman teacher are saved beside the model."""
     data, cache = shared
     cfg = _config(
         tiny_backbone,

@@ -13,7 +13,16 @@ import torch
 from mtl.bert import BertModel
 from mtl.config import ModelConfig
 from mtl.data import Batch
-from mtl.heads import MultitaskBert, overall_score, pearson, pool, predict, task_loss, task_metric
+from mtl.heads import (
+    MultitaskBert,
+    overall_score,
+    pearson,
+    pearson_undefined,
+    pool,
+    predict,
+    task_loss,
+    task_metric,
+)
 
 
 def _batch(task: str, design: int, b: int = 3, length: int = 7) -> Batch:
@@ -97,7 +106,6 @@ def test_metrics_against_numpy_and_scipy() -> None:
     rng = np.random.default_rng(0)
     pred, gold = rng.normal(size=50), rng.normal(size=50)
     assert pearson(pred, gold) == pytest.approx(scipy.stats.pearsonr(pred, gold)[0])
-    assert pearson(np.ones(5), gold[:5]) == 0.0
     a, b = rng.integers(0, 5, 40), rng.integers(0, 5, 40)
     assert task_metric("sst", a, b) == pytest.approx(np.mean(a == b))
     assert overall_score({"sst_acc": 0.5, "para_acc": 0.8, "sts_pearson": 0.6}) == pytest.approx(
@@ -105,3 +113,24 @@ def test_metrics_against_numpy_and_scipy() -> None:
     )
     assert predict("para", torch.tensor([-0.1, 0.2])).tolist() == [0, 1]
     assert predict("sst", torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0]])).tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "why"),
+    [
+        ([2.5, 2.5, 2.5], [1.0, 3.0, 4.0], "every prediction is 2.5"),
+        ([1.0, 2.0, 3.0], [4.0, 4.0, 4.0], "every gold score is 4"),
+        ([3.0], [2.0], "1 example"),
+        ([], [], "0 examples"),
+    ],
+)
+def test_undefined_pearson_is_none_and_counts_as_zero_in_overall(
+    pred: list[float], gold: list[float], why: str
+) -> None:
+    assert pearson_undefined(np.array(pred), np.array(gold)) == why
+    assert pearson(np.array(pred), np.array(gold)) is None
+    assert task_metric("sts", np.array(pred), np.array(gold)) is None
+    metrics = {"sst_acc": 0.4, "para_acc": 0.7, "sts_pearson": None}
+    assert overall_score(metrics) == pytest.approx((0.4 + 0.7 + 0.5) / 3)
+    assert overall_score({"sts_pearson": None}) == 0.5
+    assert pearson_undefined(np.array([1.0, 2.0]), np.array([2.0, 1.0])) is None

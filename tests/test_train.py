@@ -6,12 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from mtl import data as data_lib
 from mtl.config import Config, build_config
-from mtl.train import epoch_plan, eval_positions, load_data, train
+from mtl.train import DEV_PREDICTIONS_FILE, epoch_plan, eval_positions, load_data, train
 
 
 def tiny_config(backbone: Path, data_dir: Path, out: Path, **sections: dict) -> Config:
@@ -141,6 +143,37 @@ def test_run_folder_predictions_and_tensorboard(
     )
 
 
+def test_dev_predictions_are_kept_at_the_best_evaluation(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
+) -> None:
+    """Without write_predictions, the run folder still holds the best evaluation's dev
+    predictions and gold labels, from which its recorded dev metrics follow exactly."""
+    cfg = tiny_config(
+        tiny_backbone,
+        real_data_dir,
+        tmp_path / "run",
+        train={"epochs": 2, "eval_every": 0.5, "lr": 3e-3, "write_predictions": False},
+    )
+    path = tmp_path / "run" / DEV_PREDICTIONS_FILE
+    snapshots = []
+    metrics = train(cfg, lambda m, c: snapshots.append((m, path.read_text())))
+    assert not (tmp_path / "run" / "predictions").exists()
+    best = next(text for m, text in snapshots if m["evaluation"] == metrics["best_evaluation"])
+    assert path.read_text() == best  # rewritten only when the evaluation improved
+    frame = pd.read_csv(path, dtype={"id": str})
+    scores = {}
+    for task in ("sst", "para", "sts"):
+        rows = frame[frame["task"] == task]
+        raw = data_lib.subsample(data_lib.read_split(real_data_dir, task, "dev"), 16, cfg.seed)
+        assert list(rows["id"]) == raw.ids and list(rows["gold"]) == pytest.approx(raw.labels)
+        if task == "sts":
+            scores[task] = scipy.stats.pearsonr(rows["prediction"], rows["gold"]).statistic
+        else:
+            scores[task] = (rows["prediction"] == rows["gold"]).mean()
+    assert scores["sst"] == metrics["sst_acc"] and scores["para"] == metrics["para_acc"]
+    assert scores["sts"] == pytest.approx(metrics["sts_pearson"], abs=1e-12)
+
+
 def test_resume_mid_epoch_reproduces_uninterrupted_run(
     tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -204,3 +237,74 @@ def test_weights_given_in_memory_replace_the_file(tiny_backbone: Path) -> None:
     assert torch.all(model.encoder.pooler.dense.weight == 0.5)
     from_file = build_model(cfg, tiny_backbone)
     assert not torch.all(from_file.encoder.pooler.dense.weight == 0.5)
+
+
+def test_accumulation_windows_are_cut_at_evaluations_and_the_epoch_end() -> None:
+    from mtl.train import accumulation_windows
+
+    assert accumulation_windows(13, [7, 13], 4) == [4, 3, 4, 2]
+    assert accumulation_windows(12, [12], 1) == [1] * 12
+    assert accumulation_windows(5, [], 8) == [5]
+
+
+def test_each_optimizer_step_averages_exactly_the_batches_it_holds(
+    tmp_path: Path, real_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accumulated gradient equals the mean of its window's per-batch gradients, recomputed
+    independently, also in windows cut short by an evaluation or the epoch's end."""
+    from mtl.heads import MultitaskBert, task_loss
+    from tests.tiny import make_tiny_backbone
+
+    backbone = make_tiny_backbone(
+        tmp_path / "no-dropout", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    cfg = tiny_config(
+        backbone,
+        real_data_dir,
+        tmp_path / "run",
+        model={"head_dropout": 0.0},
+        train={"eval_every": 0.5, "grad_accum_steps": 4, "max_grad_norm": None},
+    )
+    window: list = []  # (model, batch) of each training forward since the last step
+    sizes: list[int] = []
+    checked: list[float] = []
+
+    recomputing = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        training = module.training and torch.is_grad_enabled() and not recomputing
+        if isinstance(module, MultitaskBert) and training:
+            window.append((module, args[0]))
+
+    def check(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        recomputing.append(True)
+        model = window[0][0]
+        params = [p for p in model.parameters() if p.requires_grad]
+        expected = [torch.zeros_like(p) for p in params]
+        for _, batch in window:
+            loss = task_loss(batch.task, model(batch).logits, batch.labels)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for e, g in zip(expected, grads, strict=True):
+                if g is not None:
+                    e.add_(g / len(window))
+        for p, e in zip(params, expected, strict=True):
+            got = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(got, e, rtol=1e-4, atol=1e-7)
+        checked.append(max(e.abs().max().item() for e in expected))
+        sizes.append(len(window))
+        window.clear()
+        recomputing.clear()
+
+    class Checked(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.register_step_pre_hook(check)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Checked)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        train(cfg)
+    finally:
+        handle.remove()
+    assert any(s < 4 for s in sizes), sizes  # windows were cut
+    assert max(sizes) == 4 and min(checked) > 0
