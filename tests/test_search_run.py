@@ -463,6 +463,25 @@ def test_time_budget_stops_trials_and_closes_the_study(tmp_path, tiny_backbone, 
     study = study_of(space)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert set(cut["optuna_state"]) <= {"PRUNED", "FAIL"}
+    by_ray_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    for _, row in cut.iterrows():
+        attrs = by_ray_id[row["trial_id"]].user_attrs
+        assert (attrs["fate"], attrs["reason"]) == ("stopped", "time budget or interrupted")
+    assert study.user_attrs["closed_by_driver"]
+    # TensorBoard's HParams row of each trial cut by the budget says so too.
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path / "results" / "budget"))
+    mux.Reload()
+    for _, row in df.iterrows():
+        start = _hparams_plugin_data(
+            mux, Path(row["trial_dir"]).name, "_hparams_/session_start_info"
+        )
+        assert start.session_start_info.hparams["fate"].string_value == row["status"]
+        assert start.session_start_info.hparams["reason"].string_value == (
+            row["reason"] if isinstance(row["reason"], str) else ""
+        )
 
 
 # ---------------------------------------------------------------------------------------------

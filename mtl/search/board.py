@@ -157,6 +157,7 @@ class SearchBoard(TBXLoggerCallback):
         self._stopped: dict[str, tuple[int, int]] = {}  # trial id -> (evaluation, step)
         self._last_step: dict[str, int] = {}
         self._experiment_written = False
+        self._started = time.monotonic()
 
     # Ray's LoggerCallback interface --------------------------------------------------------
 
@@ -191,11 +192,21 @@ class SearchBoard(TBXLoggerCallback):
         writer.close()
         del self._writers[trial.trial_id]
 
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        self._started = time.monotonic()  # for telling the time budget from an interrupt
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        # Trials stopped by Tune's time budget may end without on_trial_complete.
+        # Trials that Tune's time budget stopped end here, after Tune's last sync of the driver's
+        # folder to storage (tune.py: checkpoint(force=True), then cleanup()): upload their
+        # event files. After an interrupt (Ctrl-C) they stay open: --resume continues them, and
+        # TensorBoard keeps a session's first start info, so none is written before the end.
+        budget = self._space.search.time_budget_s
+        if budget is None or time.monotonic() - self._started < budget:
+            trials = []
         for trial in trials:
             if trial.trial_id in self._writers and trial.status in ("TERMINATED", "ERROR"):
                 self.log_trial_end(trial, failed=trial.status == "ERROR")
+                _upload_events(trial)
         for writer in self._writers.values():  # interrupted: --resume continues them
             writer.close()
         self._writers.clear()
@@ -238,6 +249,18 @@ class SearchBoard(TBXLoggerCallback):
     def __getstate__(self) -> dict[str, Any]:
         # Pickled with the Tuner: open writers stay behind.
         return {**self.__dict__, "_writers": {}}
+
+
+def _upload_events(trial: Any) -> None:
+    import pyarrow.fs
+
+    for path in Path(trial.local_path).glob("events.out.tfevents.*"):
+        pyarrow.fs.copy_files(
+            str(path),
+            f"{trial.storage.trial_fs_path}/{path.name}",
+            source_filesystem=pyarrow.fs.LocalFileSystem(),
+            destination_filesystem=trial.storage.storage_filesystem,
+        )
 
 
 def _error_line(trial: Any) -> str:
