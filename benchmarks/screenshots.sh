@@ -18,10 +18,12 @@ mkdir -p "$out"
 if ! "$py" -c "import optuna_dashboard" 2>/dev/null; then
   "$py" -m pip install -q "optuna-dashboard>=0.15"
 fi
+dashboard=$(command -v optuna-dashboard || echo "$bin/optuna-dashboard")
 browser=$(command -v chromium || command -v chromium-browser || true)
 if [ -z "$browser" ]; then
   apt-get install -y -q chromium >/dev/null
-  browser=$(command -v chromium)
+  dashboard=$(command -v optuna-dashboard || echo "$bin/optuna-dashboard")
+browser=$(command -v chromium)
 fi
 
 port() { "$py" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
@@ -29,7 +31,7 @@ tb_port=$(port); od_port=$(port)
 logs=$(mktemp -d)
 "$bin/tensorboard" --logdir "$exp" --host 127.0.0.1 --port "$tb_port" >"$logs/tb.log" 2>&1 &
 tb_pid=$!
-"$py" -m optuna_dashboard "$study" --host 127.0.0.1 --port "$od_port" >"$logs/od.log" 2>&1 &
+"$dashboard" "$study" --host 127.0.0.1 --port "$od_port" >"$logs/od.log" 2>&1 &
 od_pid=$!
 trap 'kill $tb_pid $od_pid 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 
@@ -48,10 +50,14 @@ shot() {  # NAME URL [WIDTH,HEIGHT]
     >/dev/null 2>&1
   echo "$out/$1.png"
 }
-shot tensorboard_hparams "http://127.0.0.1:$tb_port/#hparams"
-shot tensorboard_curves "http://127.0.0.1:$tb_port/#timeseries" 1400,1100
+shot tensorboard_hparams "http://127.0.0.1:$tb_port/#hparams" 1800,700
+# The SCALARS tab draws without a GPU (TIME SERIES needs WebGL): the objective, dev/overall and
+# ASHA's stops, unsmoothed.
+shot tensorboard_curves \
+  "http://127.0.0.1:$tb_port/#scalars&tagFilter=overall%7Cstopped&_smoothingWeight=0" 1600,1000
 shot optuna_dashboard_study "http://127.0.0.1:$od_port/dashboard/studies/$study_id" 1400,1100
-shot optuna_dashboard_trials "http://127.0.0.1:$od_port/dashboard/studies/$study_id/trials"
+# Trial 1's page (in the tests' tiny search, a trial that ASHA stopped).
+shot optuna_dashboard_trial "http://127.0.0.1:$od_port/dashboard/studies/$study_id/trials?numbers=1" 1400,1000
 
 "$py" - "$out" <<'PY'
 import sys

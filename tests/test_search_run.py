@@ -231,8 +231,10 @@ def test_optuna_study_states_and_values(tiny_experiment):
             assert "loss became nan" in t.user_attrs["reason"]
             assert t.value is None
             continue
+        best = t.user_attrs["best"]
         for m in ("overall", "sst_acc", "para_acc", "sts_pearson"):
-            assert t.user_attrs[f"best.{m}"] == pytest.approx(row[f"best.{m}"])
+            assert best[m] == pytest.approx(row[f"best.{m}"])
+        assert best["evaluation"] <= row["evaluations"]
         # One intermediate value per evaluation, the best-so-far score, ending at the trial's value.
         assert sorted(t.intermediate_values) == list(range(1, int(row["evaluations"]) + 1))
         steps = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
@@ -352,7 +354,8 @@ def test_tensorboard_server_lists_every_trial_with_fate_and_metrics(tiny_experim
     import urllib.request
 
     _, exp, _ = tiny_experiment
-    df = pd.read_csv(exp / "results.csv").set_index("trial_id")
+    df = pd.read_csv(exp / "results.csv")
+    df = df.set_index(df["trial_dir"].map(lambda d: Path(d).name))
     port = _free_port()
     tensorboard = Path(sys.executable).parent / "tensorboard"
     server = subprocess.Popen(
@@ -387,9 +390,10 @@ def test_tensorboard_server_lists_every_trial_with_fate_and_metrics(tiny_experim
         server.terminate()
         server.wait(timeout=30)
     groups = {g["name"]: g for g in answer["sessionGroups"]}
-    assert set(groups) == set(df.index)  # one row per trial, every trial
-    for trial_id, group in groups.items():
-        row = df.loc[trial_id]
+    # One row per trial, every trial, named by its folder (as the curves' runs are).
+    assert set(groups) == set(df.index)
+    for folder, group in groups.items():
+        row = df.loc[folder]
         assert group["hparams"]["fate"] == row["status"]
         assert group["hparams"]["lr"] == pytest.approx(row["param.lr"])
         (session,) = group["sessions"]

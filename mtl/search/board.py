@@ -186,7 +186,8 @@ class SearchBoard(TBXLoggerCallback):
         params = {k: _hparam_value(v) for k, v in trial_params(trial.config).items()}
         hparams = {**params, "fate": fate, "reason": reason}
         file_writer = writer._get_file_writer()
-        file_writer.add_summary(hp.hparams_pb(hparams, trial_id=trial.trial_id))
+        # The table's "Trial ID" is the trial folder's name, as in the curves' run names.
+        file_writer.add_summary(hp.hparams_pb(hparams, trial_id=Path(trial.local_path).name))
         status = api_pb2.STATUS_FAILURE if fate == "error" else api_pb2.STATUS_SUCCESS
         file_writer.add_summary(_session_end(status))
         writer.close()

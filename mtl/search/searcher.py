@@ -25,8 +25,9 @@ curve ``dev/<metric>`` and its ``result.json``). A PRUNED trial's value is its l
 What optuna-dashboard shows of a trial besides its parameters: the objective's name
 (``Study.set_metric_names``) and the user attributes (:data:`FATE_ATTRS`): ``fate``
 (``completed``, ``stopped`` or ``error``), ``reason`` (``ASHA at evaluation k``, the error),
-``trial_folder`` (its folder in the experiment folder) and ``best.<metric>`` for every dev
-metric at the trial's best evaluation by the objective.
+``trial_folder`` (its folder in the experiment folder) and ``best``: every dev metric and the
+evaluation number at the trial's best evaluation by the objective (one attribute: the
+dashboard's attribute box shows about six rows).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ STEP_KEY = "evaluation"
 RAY_TRIAL_ATTR = "ray_trial_id"
 # Study attribute: trial number -> why the driver closed a trial Tune never completed.
 CLOSED_ATTR = "closed_by_driver"
-FATE_ATTRS = ("fate", "reason", "trial_folder")  # plus best.<metric> for each dev metric
+FATE_ATTRS = ("best", "fate", "reason", "trial_folder")
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -59,7 +60,7 @@ class PruningOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}
         self._objective = objective
-        self._best_dev: dict[str, dict[str, float]] = {}  # trial id -> best.<metric> values
+        self._best_dev: dict[str, dict[str, float]] = {}  # trial id -> dev metrics, best eval
         self._seen: dict[str, dict[str, Any]] = {}  # trial id -> its folder, last error
         if self._ot_study is not None and self._ot_study.metric_names is None:
             with warnings.catch_warnings():  # set_metric_names is experimental in Optuna 5
@@ -78,9 +79,9 @@ class PruningOptunaSearch(OptunaSearch):
         if score is None or math.isnan(score) or result.get(STEP_KEY) is None:
             return
         best = self._best_dev.get(trial_id)
-        if best is None or score > best[f"best.{self._objective}"]:
+        if best is None or score > best[self._objective]:
             self._best_dev[trial_id] = {
-                f"best.{m}": float(result[m])
+                m: float(result[m])
                 for m in (*METRICS, STEP_KEY)
                 if isinstance(result.get(m), int | float) and not math.isnan(result[m])
             }
@@ -93,8 +94,9 @@ class PruningOptunaSearch(OptunaSearch):
             "fate": fate,
             "reason": reason,
             "trial_folder": seen.get(TRIAL_FOLDER_KEY, ""),
-            **self._best_dev.get(trial_id, {}),
         }
+        if trial_id in self._best_dev:
+            attrs["best"] = self._best_dev[trial_id]
         for key, value in attrs.items():
             ot_trial.set_user_attr(key, value)
 
