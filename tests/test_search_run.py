@@ -142,7 +142,8 @@ TRIAL_FOLDER = re.compile(r"\d{4}-[0-9a-f]{5,8}")
 
 
 def trial_dirs(exp: Path) -> list[Path]:
-    return sorted(p for p in exp.iterdir() if p.is_dir() and TRIAL_FOLDER.fullmatch(p.name))
+    """The trial folders of ``exp`` so far (none before the experiment folder exists)."""
+    return sorted(p for p in exp.glob("*-*") if p.is_dir() and TRIAL_FOLDER.fullmatch(p.name))
 
 
 def result_rows(trial_dir: Path) -> list[dict]:

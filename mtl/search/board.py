@@ -27,7 +27,6 @@ result. A trial that ends without either was stopped by Tune's time budget (or a
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -41,8 +40,6 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from mtl.config import METRICS
 from mtl.search.space import BoolParam, CategoricalParam, DesignSpace, FloatParam, IntParam
 from mtl.search.trainable import trial_params
-
-log = logging.getLogger(__name__)
 
 FATES = ("completed", "stopped", "error")
 TRAINER_GROUP = "tb"  # the trainer's event folder inside a trial folder
@@ -155,7 +152,6 @@ class SearchBoard(TBXLoggerCallback):
         self._metric = space.objective.metric
         self._writers: dict[Any, Any] = {}
         self._stopped: dict[str, tuple[int, int]] = {}  # trial id -> (evaluation, step)
-        self._last_step: dict[str, int] = {}
         self._experiment_written = False
         self._started = time.monotonic()
 
