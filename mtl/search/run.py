@@ -335,6 +335,8 @@ def finish_study(exp: Experiment) -> optuna.Study | None:
     closed = dict(study.user_attrs.get(CLOSED_ATTR, {}))
     for t in study.get_trials(states=(TrialState.RUNNING,)):
         closed[str(t.number)] = "time budget or interrupted"
+        # As the searcher sets them (mtl.search.searcher); Optuna's public setters need the
+        # Trial object of the process that asked for the trial, gone with Tune.
         study._storage.set_trial_user_attr(t._trial_id, "fate", "stopped")
         study._storage.set_trial_user_attr(t._trial_id, "reason", closed[str(t.number)])
         study.tell(t.number, state=TrialState.PRUNED if t.intermediate_values else TrialState.FAIL)

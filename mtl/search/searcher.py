@@ -97,8 +97,11 @@ class PruningOptunaSearch(OptunaSearch):
         }
         if trial_id in self._best_dev:
             attrs["best"] = self._best_dev[trial_id]
-        for key, value in attrs.items():
-            ot_trial.set_user_attr(key, value)
+        try:
+            for key, value in attrs.items():
+                ot_trial.set_user_attr(key, value)
+        except Exception as exc:  # never lose the trial's state for its attributes
+            log.warning("could not set the attributes of trial %s: %s", trial_id, exc)
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
@@ -133,21 +136,18 @@ class PruningOptunaSearch(OptunaSearch):
         self._track(trial_id, result)
         if not error and result and self._report(trial_id, result):
             # A result withheld from on_trial_result: the scheduler stopped the trial here.
+            self._annotate(trial_id, "stopped", f"ASHA at evaluation {int(result[STEP_KEY])}")
             try:
-                self._annotate(trial_id, "stopped", f"ASHA at evaluation {int(result[STEP_KEY])}")
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
             except Exception as exc:  # the study may already hold this trial as finished
                 log.warning("could not record trial %s as pruned: %s", trial_id, exc)
             self._completed_trials.add(trial_id)
             return None
-        try:
-            if error:
-                reason = self._seen.get(trial_id, {}).get("error", "the trial raised an exception")
-                self._annotate(trial_id, "error", reason[:300])
-            else:
-                self._annotate(trial_id, "completed", "")
-        except Exception as exc:  # never lose the trial's state for its attributes
-            log.warning("could not set the attributes of trial %s: %s", trial_id, exc)
+        if error:
+            reason = self._seen.get(trial_id, {}).get("error", "the trial raised an exception")
+            self._annotate(trial_id, "error", reason[:300])
+        else:
+            self._annotate(trial_id, "completed", "")
         return super().on_trial_complete(trial_id, result, error)
 
     @property
