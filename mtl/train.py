@@ -516,6 +516,9 @@ def train(
     Args:
         cfg: the validated run configuration.
         reporter: called after every dev evaluation with the metrics and a checkpoint folder.
+            The caller that passes one records the run's hyperparameters itself (the search
+            writes one TensorBoard HParams view per experiment), so the run's own HParams
+            summary is written only without a reporter.
         resume_from: a checkpoint folder written by an earlier run of the same config.
         run_dir: the run folder (default ``cfg.output_dir`` or ``runs/<time>``).
         data: pre-tokenized data (as :func:`load_data` builds it), e.g. shared by a search.
@@ -686,7 +689,8 @@ def train(
         if pbar is not None:
             pbar.close()
 
-    _write_hparams(writer, cfg, state.best_metrics)
+    if reporter is None:
+        _write_hparams(writer, cfg, state.best_metrics)
     writer.close()
     if cfg.train.write_predictions and best_dir.exists():
         model.load_state_dict(load_file(best_dir / "model.safetensors"))

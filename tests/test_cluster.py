@@ -32,7 +32,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from mtl.search.space import load_space
 from tests.multinode import LocalCluster, namespace_prefix
-from tests.test_search_run import result_rows, tiny_space
+from tests.test_search_run import result_rows, tiny_space, trial_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -672,7 +672,7 @@ def test_a_killed_worker_nodes_trial_resumes_from_its_checkpoint_on_the_other_no
         victim_dir, before = None, []
         deadline = time.time() + 180
         while victim_dir is None and time.time() < deadline and driver.poll() is None:
-            for trial_dir in exp.glob("run_trial_*"):
+            for trial_dir in trial_dirs(exp):
                 rows = result_rows(trial_dir)
                 if 2 <= len(rows) <= evals - 4 and rows[-1]["node_id"] in nodes:
                     victim_dir, before = trial_dir, rows

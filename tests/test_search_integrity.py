@@ -295,6 +295,31 @@ def test_tensorboard_holds_one_point_per_step_after_the_resume(killed_and_resume
     assert [e.step for e in acc.Scalars("dev/overall")] == [int(r["step"]) for r in reports]
 
 
+def test_hparams_after_the_resume_one_row_per_trial(killed_and_resumed):
+    """The driver killed mid-trial wrote no HParams row for it; the resumed one writes one."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    exp, interrupted = killed_and_resumed["exp"], killed_and_resumed["interrupted"]
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    runs = mux.PluginRunToTagToContent("hparams")
+    assert [r for r, tags in runs.items() if "_hparams_/experiment" in tags] == ["."]
+    df = pd.read_csv(exp / "results.csv")
+    sessions = {r: t for r, t in runs.items() if "_hparams_/session_start_info" in t}
+    assert sorted(sessions) == sorted(Path(d).name for d in df["trial_dir"])
+    for tags in sessions.values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(tags["_hparams_/session_start_info"])
+        assert data.session_start_info.hparams["fate"].string_value == "completed"
+    acc = EventAccumulator(str(interrupted), size_guidance={"scalars": 0})
+    acc.Reload()
+    reports = [r for r in result_rows(interrupted) if "evaluation" in r]
+    objective = acc.Scalars("search/best_overall")
+    assert [e.step for e in objective] == [int(r["step"]) for r in reports]
+
+
 def test_no_scratch_checkpoint_is_left_after_the_resume(killed_and_resumed):
     root = killed_and_resumed["root"]
     # The kill left the running trial's scratch run folder (model and optimizer) behind ...

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,8 +137,13 @@ def start_cli(space: Path, **popen) -> subprocess.Popen:
     )
 
 
+# e.g. 0006-1a1dfdeb (a grid's trials share a 5-digit Tune prefix: 0006-1a1df)
+TRIAL_FOLDER = re.compile(r"\d{4}-[0-9a-f]{5,8}")
+
+
 def trial_dirs(exp: Path) -> list[Path]:
-    return sorted(p for p in exp.glob("run_trial_*") if p.is_dir())
+    """The trial folders of ``exp`` so far (none before the experiment folder exists)."""
+    return sorted(p for p in exp.glob("*-*") if p.is_dir() and TRIAL_FOLDER.fullmatch(p.name))
 
 
 def result_rows(trial_dir: Path) -> list[dict]:
@@ -208,17 +214,32 @@ def test_optuna_study_states_and_values(tiny_experiment):
     df = pd.read_csv(exp / "results.csv").set_index("trial_id")
     study = study_of(space)
     assert len(study.trials) == 6
+    # The objective's name on the dashboard's axes, not "Objective 0".
+    assert study.metric_names == ["best_overall"]
+    assert "closed_by_driver" not in study.user_attrs  # nothing was closed
     states = {t.state for t in study.trials}
     assert {optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE} <= states
     expected = {"completed": "COMPLETE", "stopped": "PRUNED", "error": "FAIL"}
     for t in study.trials:
         row = df.loc[t.user_attrs["ray_trial_id"]]
         assert t.state.name == expected[row["status"]] == row["optuna_state"]
+        # What a trial's page shows: its fate, why, its folder, its dev metrics.
+        assert t.user_attrs["fate"] == row["status"]
+        assert t.user_attrs["trial_folder"] == Path(row["trial_dir"]).name
+        if row["status"] == "stopped":
+            assert t.user_attrs["reason"] == f"ASHA at evaluation {row['evaluations']}"
         if t.state == optuna.trial.TrialState.FAIL:
+            assert "loss became nan" in t.user_attrs["reason"]
             assert t.value is None
             continue
+        best = t.user_attrs["best"]
+        for m in ("overall", "sst_acc", "para_acc", "sts_pearson"):
+            assert best[m] == pytest.approx(row[f"best.{m}"])
+        assert best["evaluation"] <= row["evaluations"]
         # One intermediate value per evaluation, the best-so-far score, ending at the trial's value.
         assert sorted(t.intermediate_values) == list(range(1, int(row["evaluations"]) + 1))
+        steps = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
+        assert steps == sorted(steps)
         assert t.value == pytest.approx(t.intermediate_values[max(t.intermediate_values)])
         assert t.value == pytest.approx(row["best.overall"])
 
@@ -235,33 +256,155 @@ def test_nonfinite_loss_ends_the_trial_without_retries(tiny_experiment):
     assert (df["status"] == "completed").sum() + (df["status"] == "stopped").sum() == 5
 
 
-def test_tensorboard_events_hold_each_report_and_the_hyperparameters(tiny_experiment):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def _hparams_plugin_data(mux, run: str, tag: str):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
+    content = mux.PluginRunToTagToContent("hparams").get(run, {})
+    return plugin_data_pb2.HParamsPluginData.FromString(content[tag]) if tag in content else None
+
+
+def test_tensorboard_holds_one_hparams_view_with_every_trial(tiny_experiment):
+    """TensorBoard's own readers over the experiment folder, as ``tensorboard --logdir`` reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import api_pb2
+
     _, exp, _ = tiny_experiment
-    df = pd.read_csv(exp / "results.csv").set_index("trial_id")
-    for trial in trial_dirs(exp):
-        row = df.loc[trial.name.split("_")[2]]
-        reports = [r for r in result_rows(trial) if "evaluation" in r]
-        # Ray's logger: one point per report, and the trial's parameters as HParams.
-        acc = EventAccumulator(str(trial), size_guidance={"scalars": 0})
-        acc.Reload()
-        if reports:
-            points = acc.Scalars("ray/tune/overall")
-            assert [p.value for p in points] == pytest.approx([r["overall"] for r in reports])
-        content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-        assert hparams["pooling"].string_value == row["param.pooling"]
-        assert hparams["lr"].number_value == pytest.approx(row["param.lr"])
-        assert hparams["head_dropout"].number_value == pytest.approx(row["param.head_dropout"])
-        # The trainer's own events (synced as artifacts): one dev point per evaluation.
-        tb = EventAccumulator(str(trial / "tb"), size_guidance={"scalars": 0})
-        tb.Reload()
-        if reports:
-            dev = tb.Scalars("dev/overall")
-            assert [p.value for p in dev] == pytest.approx([r["overall"] for r in reports])
-            assert [p.step for p in dev] == [int(r["step"]) for r in reports]
+    df = pd.read_csv(exp / "results.csv")
+    mux = EventMultiplexer(size_guidance={"scalars": 0, "tensors": 0})
+    mux.AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    hparams_runs = mux.PluginRunToTagToContent("hparams")
+    # One writer of the experiment summary: the experiment folder's own events.
+    assert [r for r, tags in hparams_runs.items() if "_hparams_/experiment" in tags] == ["."]
+    experiment = _hparams_plugin_data(mux, ".", "_hparams_/experiment").experiment
+    assert [h.name for h in experiment.hparam_infos] == [
+        "lr",
+        "pooling",
+        "head_dropout",
+        "fate",
+        "reason",
+    ]
+    fate = next(h for h in experiment.hparam_infos if h.name == "fate")
+    assert {v.string_value for v in fate.domain_discrete.values} == {
+        "completed",
+        "stopped",
+        "error",
+    }
+    metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
+    assert metrics == {("", "search/best_overall")} | {
+        ("tb", f"dev/{m}") for m in ("overall", "sst_acc", "para_acc", "sts_pearson")
+    }
+    sessions = [r for r, tags in hparams_runs.items() if "_hparams_/session_start_info" in tags]
+    # One row per trial, every trial, each in its short, unique folder.
+    assert sorted(sessions) == sorted(Path(d).name for d in df["trial_dir"])
+    assert all(TRIAL_FOLDER.fullmatch(run) for run in sessions)
+    for _, row in df.iterrows():
+        run = Path(row["trial_dir"]).name
+        start = _hparams_plugin_data(mux, run, "_hparams_/session_start_info").session_start_info
+        end = _hparams_plugin_data(mux, run, "_hparams_/session_end_info").session_end_info
+        assert start.hparams["lr"].number_value == pytest.approx(row["param.lr"])
+        assert start.hparams["pooling"].string_value == row["param.pooling"]
+        assert start.hparams["head_dropout"].number_value == pytest.approx(
+            row["param.head_dropout"]
+        )
+        assert start.hparams["fate"].string_value == row["status"]
+        failure = api_pb2.STATUS_FAILURE if row["status"] == "error" else api_pb2.STATUS_SUCCESS
+        assert end.status == failure
+        # The full parameters stay in params.json.
+        params = json.loads((Path(row["trial_dir"]) / "params.json").read_text())
+        assert params["lr"] == row["param.lr"]
+        reports = [r for r in result_rows(Path(row["trial_dir"])) if "evaluation" in r]
+        events = EventAccumulator(row["trial_dir"], size_guidance={"scalars": 0})
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        # Ray's bookkeeping and a second copy of the dev metrics are gone, and no stray hparam/*.
+        assert not [t for t in tags if t.startswith(("ray/", "hparam"))]
+        if row["status"] == "error":
+            assert start.hparams["reason"].string_value.startswith("training loss became nan")
+            continue
+        objective = events.Scalars("search/best_overall")
+        assert [p.value for p in objective] == pytest.approx([r["best_overall"] for r in reports])
+        assert [p.step for p in objective] == [int(r["step"]) for r in reports]
+        # The trainer's events (synced as artifacts): the dev metrics, one point per evaluation.
+        trainer = EventAccumulator(f"{row['trial_dir']}/tb", size_guidance={"scalars": 0})
+        dev = trainer.Reload().Scalars("dev/overall")
+        assert [p.value for p in dev] == pytest.approx([r["overall"] for r in reports])
+        assert [p.step for p in dev] == [int(r["step"]) for r in reports]
+        if row["status"] == "stopped":
+            # ASHA's stop on the curves: one point at the step and evaluation where it stopped.
+            (stop,) = events.Scalars("search/stopped_at")
+            assert (stop.step, stop.value) == (int(reports[-1]["step"]), row["evaluations"])
+            reason = f"ASHA at evaluation {row['evaluations']}"
+            assert start.hparams["reason"].string_value == reason
+        else:
+            assert "search/stopped_at" not in tags
+            assert start.hparams["reason"].string_value == ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tensorboard_server_lists_every_trial_with_fate_and_metrics(tiny_experiment):
+    """``tensorboard --logdir <experiment>`` asked as its HParams table asks (no browser)."""
+    import urllib.request
+
+    _, exp, _ = tiny_experiment
+    df = pd.read_csv(exp / "results.csv")
+    df = df.set_index(df["trial_dir"].map(lambda d: Path(d).name))
+    port = _free_port()
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    server = subprocess.Popen(
+        [tensorboard, "--logdir", exp, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    request = {
+        "experimentName": "",
+        "allowedStatuses": ["STATUS_FAILURE", "STATUS_SUCCESS", "STATUS_UNKNOWN"],
+        "colParams": [
+            {"hparam": "fate"},
+            {"hparam": "lr"},
+            {"metric": {"tag": "search/best_overall", "group": ""}, "order": "ORDER_DESC"},
+        ],
+        "startIndex": 0,
+        "sliceSize": 100,
+    }
+    try:
+        deadline, answer = time.time() + 90, None
+        while answer is None or answer.get("totalSize", 0) < len(df):
+            assert time.time() < deadline and server.poll() is None, answer
+            time.sleep(1)
+            post = urllib.request.Request(
+                f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups",
+                data=json.dumps(request).encode(),
+                headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"},
+            )
+            with contextlib.suppress(OSError):
+                answer = json.loads(urllib.request.urlopen(post, timeout=10).read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    groups = {g["name"]: g for g in answer["sessionGroups"]}
+    # One row per trial, every trial, named by its folder (as the curves' runs are).
+    assert set(groups) == set(df.index)
+    for folder, group in groups.items():
+        row = df.loc[folder]
+        assert group["hparams"]["fate"] == row["status"]
+        assert group["hparams"]["lr"] == pytest.approx(row["param.lr"])
+        (session,) = group["sessions"]
+        assert session["status"] == (
+            "STATUS_FAILURE" if row["status"] == "error" else "STATUS_SUCCESS"
+        )
+        values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        if row["status"] != "error":
+            assert values["search/best_overall"] == pytest.approx(row["best.overall"])
+            assert values["dev/overall"] == pytest.approx(row["last.overall"])
 
 
 def test_best_config_runs_with_the_trainer(tiny_experiment, tmp_path):
@@ -325,6 +468,25 @@ def test_time_budget_stops_trials_and_closes_the_study(tmp_path, tiny_backbone, 
     study = study_of(space)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert set(cut["optuna_state"]) <= {"PRUNED", "FAIL"}
+    by_ray_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    for _, row in cut.iterrows():
+        attrs = by_ray_id[row["trial_id"]].user_attrs
+        assert (attrs["fate"], attrs["reason"]) == ("stopped", "time budget or interrupted")
+    assert study.user_attrs["closed_by_driver"]
+    # TensorBoard's HParams row of each trial cut by the budget says so too.
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path / "results" / "budget"))
+    mux.Reload()
+    for _, row in df.iterrows():
+        start = _hparams_plugin_data(
+            mux, Path(row["trial_dir"]).name, "_hparams_/session_start_info"
+        )
+        assert start.session_start_info.hparams["fate"].string_value == row["status"]
+        assert start.session_start_info.hparams["reason"].string_value == (
+            row["reason"] if isinstance(row["reason"], str) else ""
+        )
 
 
 # ---------------------------------------------------------------------------------------------

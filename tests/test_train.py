@@ -143,6 +143,28 @@ def test_run_folder_predictions_and_tensorboard(
     )
 
 
+@pytest.mark.parametrize("reporter", [None, lambda m, c: None], ids=["cli", "search"])
+def test_hparams_summary_only_for_a_run_without_reporter(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, reporter
+) -> None:
+    """A plain run keeps its HParams view; under a reporter (the search) the search writes it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    cfg = tiny_config(tiny_backbone, real_data_dir, tmp_path / "run", train={"max_steps": 2})
+    train(cfg, reporter)
+    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    if reporter is not None:
+        with pytest.raises(KeyError, match="hparams"):
+            events.PluginTagToContent("hparams")
+        assert not [t for t in events.Tags()["scalars"] if t.startswith("hparam/")]
+        return
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["train.max_steps"].number_value == 2
+    assert "_hparams_/experiment" in content
+
+
 def test_dev_predictions_are_kept_at_the_best_evaluation(
     tiny_backbone: Path, real_data_dir: Path, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from mtl.config import build_config, merge
 from mtl.search import results as results_lib
+from mtl.search.board import SearchBoard
 from mtl.search.experiment import (
     REPEATS_SUFFIX,
     RESTORE,
@@ -47,6 +48,7 @@ from mtl.search.trainable import (
     TrialSpec,
     remove_scratch,
     run_trial,
+    trial_dirname,
 )
 
 log = logging.getLogger(__name__)
@@ -217,6 +219,7 @@ def make_searcher(space: DesignSpace, study_url: str) -> PruningOptunaSearch:
     return PruningOptunaSearch(
         space=functools.partial(suggest, space=space),
         metric=f"best_{space.objective.metric}",
+        objective=space.objective.metric,
         mode=space.objective.mode,
         points_to_evaluate=[dict(p) for p in space.search.points_to_evaluate] or None,
         sampler=sampler,
@@ -255,7 +258,10 @@ def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **k
     )
 
 
-def make_run_config(space: DesignSpace, exp: Experiment, verbose: int = 1) -> tune.RunConfig:
+def make_run_config(
+    space: DesignSpace, exp: Experiment, verbose: int = 1, extra: tuple[str, ...] = ()
+) -> tune.RunConfig:
+    """Tune's run settings; ``extra``: grid keys that are not parameters (the repeats' seed)."""
     return tune.RunConfig(
         name=exp.name,
         storage_path=exp.storage_path,
@@ -266,7 +272,8 @@ def make_run_config(space: DesignSpace, exp: Experiment, verbose: int = 1) -> tu
             checkpoint_score_order=space.objective.mode,
         ),
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=[NoRetryOnNonFinite()],
+        # SearchBoard replaces Tune's TensorBoard logger (mtl.search.board).
+        callbacks=[NoRetryOnNonFinite(), SearchBoard(space, extra)],
         verbose=verbose,
     )
 
@@ -304,6 +311,7 @@ def run_tuner(
                 # The next trial runs in the same worker process: no second Python, torch and
                 # transformers start-up (seconds per trial on CPU; see benchmarks/trial_startup.py).
                 reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
                 metric=f"best_{space.objective.metric}" if grid else None,
                 mode=space.objective.mode if grid else None,
             ),
@@ -330,8 +338,13 @@ def finish_study(exp: Experiment) -> optuna.Study | None:
     closed = dict(study.user_attrs.get(CLOSED_ATTR, {}))
     for t in study.get_trials(states=(TrialState.RUNNING,)):
         closed[str(t.number)] = "time budget or interrupted"
+        # As the searcher sets them (mtl.search.searcher); Optuna's public setters need the
+        # Trial object of the process that asked for the trial, gone with Tune.
+        study._storage.set_trial_user_attr(t._trial_id, "fate", "stopped")
+        study._storage.set_trial_user_attr(t._trial_id, "reason", closed[str(t.number)])
         study.tell(t.number, state=TrialState.PRUNED if t.intermediate_values else TrialState.FAIL)
-    study.set_user_attr(CLOSED_ATTR, closed)
+    if closed:  # an empty record is noise on the dashboard's study page
+        study.set_user_attr(CLOSED_ATTR, closed)
     return study
 
 
@@ -475,8 +488,9 @@ def run_repeats(
                 num_samples=1,
                 max_concurrent_trials=space.search.max_concurrent_trials,
                 reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
             ),
-            run_config=make_run_config(rspace, rexp, verbose),
+            run_config=make_run_config(rspace, rexp, verbose, extra=("seed",)),
         )
     clean_scratch(rexp)
     tuner.fit()

@@ -17,16 +17,31 @@ there.) Trials that Tune's time budget stops never reach the searcher at all; th
 them afterwards (``mtl.search.run.finish_study``).
 
 Intermediate values are keyed by the trainer's ``evaluation`` count, not Tune's
-``training_iteration``, so a trial retried from its checkpoint continues its curve.
+``training_iteration``, so a trial retried from its checkpoint continues its curve. Each is the
+value ASHA compares, ``best_<metric>``: the best dev score up to that evaluation (a running
+best, never decreasing), not that evaluation's own score (which is in the trial's TensorBoard
+curve ``dev/<metric>`` and its ``result.json``). A PRUNED trial's value is its last one.
+
+What optuna-dashboard shows of a trial besides its parameters: the objective's name
+(``Study.set_metric_names``) and the user attributes (:data:`FATE_ATTRS`): ``fate``
+(``completed``, ``stopped`` or ``error``), ``reason`` (``ASHA at evaluation k``, the error),
+``trial_folder`` (its folder in the experiment folder) and ``best``: every dev metric and the
+evaluation number at the trial's best evaluation by the objective (one attribute: the
+dashboard's attribute box shows about six rows).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from typing import Any
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
+
+from mtl.config import METRICS
+from mtl.search.trainable import TRIAL_FOLDER_KEY
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +49,59 @@ STEP_KEY = "evaluation"
 RAY_TRIAL_ATTR = "ray_trial_id"
 # Study attribute: trial number -> why the driver closed a trial Tune never completed.
 CLOSED_ATTR = "closed_by_driver"
+FATE_ATTRS = ("best", "fate", "reason", "trial_folder")
 
 
 class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch with PRUNED states for scheduler-stopped trials (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective: str, **kwargs: Any) -> None:
+        """``objective``: the dev metric whose running best is the searcher's ``metric``."""
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}
+        self._objective = objective
+        self._best_dev: dict[str, dict[str, float]] = {}  # trial id -> dev metrics, best eval
+        self._seen: dict[str, dict[str, Any]] = {}  # trial id -> its folder, last error
+        if self._ot_study is not None and self._ot_study.metric_names is None:
+            with warnings.catch_warnings():  # set_metric_names is experimental in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([self.metric])
+
+    def _track(self, trial_id: str, result: dict | None) -> None:
+        """Keep what the trial's user attributes will hold: folder, error, best dev metrics."""
+        if not result:
+            return
+        seen = self._seen.setdefault(trial_id, {})
+        for key in (TRIAL_FOLDER_KEY, "error"):
+            if isinstance(result.get(key), str):
+                seen[key] = result[key]
+        score = result.get(self._objective)
+        if score is None or math.isnan(score) or result.get(STEP_KEY) is None:
+            return
+        best = self._best_dev.get(trial_id)
+        if best is None or score > best[self._objective]:
+            self._best_dev[trial_id] = {
+                m: float(result[m])
+                for m in (*METRICS, STEP_KEY)
+                if isinstance(result.get(m), int | float) and not math.isnan(result[m])
+            }
+
+    def _annotate(self, trial_id: str, fate: str, reason: str) -> None:
+        """Set the trial's user attributes (before it is told: a finished trial is read-only)."""
+        ot_trial = self._ot_trials[trial_id]
+        seen = self._seen.get(trial_id, {})
+        attrs = {
+            "fate": fate,
+            "reason": reason,
+            "trial_folder": seen.get(TRIAL_FOLDER_KEY, ""),
+        }
+        if trial_id in self._best_dev:
+            attrs["best"] = self._best_dev[trial_id]
+        try:
+            for key, value in attrs.items():
+                ot_trial.set_user_attr(key, value)
+        except Exception as exc:  # never lose the trial's state for its attributes
+            log.warning("could not set the attributes of trial %s: %s", trial_id, exc)
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
@@ -65,6 +125,7 @@ class PruningOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials:
             return
+        self._track(trial_id, result)
         self._report(trial_id, result)
 
     def on_trial_complete(
@@ -72,14 +133,21 @@ class PruningOptunaSearch(OptunaSearch):
     ) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
+        self._track(trial_id, result)
         if not error and result and self._report(trial_id, result):
             # A result withheld from on_trial_result: the scheduler stopped the trial here.
+            self._annotate(trial_id, "stopped", f"ASHA at evaluation {int(result[STEP_KEY])}")
             try:
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
             except Exception as exc:  # the study may already hold this trial as finished
                 log.warning("could not record trial %s as pruned: %s", trial_id, exc)
             self._completed_trials.add(trial_id)
             return None
+        if error:
+            reason = self._seen.get(trial_id, {}).get("error", "the trial raised an exception")
+            self._annotate(trial_id, "error", reason[:300])
+        else:
+            self._annotate(trial_id, "completed", "")
         return super().on_trial_complete(trial_id, result, error)
 
     @property

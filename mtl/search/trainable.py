@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 NONFINITE_KEY = "nonfinite"
 OUTCOME_FILE = "outcome.json"
+TRIAL_FOLDER_KEY = "trial_folder"  # each report names the trial's folder in the experiment
 POINT_KEY = "_point"  # grid runs with conditions pass each point as one dict under this key
 # Folders of the trainer's run folder that hold model weights: never copied as artifacts.
 _HEAVY = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "best", "best.tmp", "resume")
@@ -74,6 +75,15 @@ def remove_scratch(key: str) -> None:
     shutil.rmtree(scratch_root() / key, ignore_errors=True)
     with contextlib.suppress(OSError):  # other experiments' folders remain
         scratch_root().rmdir()
+
+
+def trial_dirname(trial: Any) -> str:
+    """A trial's folder name: its number in the experiment and its Tune id, e.g. ``0006-1a1dfdeb``
+    (Tune's default, ``run_trial_<id>_<n>_<param=value,...>_<date>``, is cut at 130 characters
+    and rounds the values; the trial's parameters are in its ``params.json``)."""
+    number = trial.experiment_tag.split("_", 1)[0]
+    prefix = trial.trial_id.split("_", 1)[0]
+    return f"{int(number):04d}-{prefix}" if number.isdigit() else trial.trial_id
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -291,7 +301,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         last.update(metrics)
         mirror(run_dir, work_dir)
         tune.report(
-            {**metrics, "node_id": node_id, "setup_s": setup_s},
+            {**metrics, "node_id": node_id, "setup_s": setup_s, TRIAL_FOLDER_KEY: work_dir.name},
             checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)),
         )
 
@@ -306,7 +316,14 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         )
     except NonFiniteLossError as err:
         mirror(run_dir, work_dir)
-        tune.report({NONFINITE_KEY: 1.0, best_key: last.get(best_key, math.nan), "error": str(err)})
+        tune.report(
+            {
+                NONFINITE_KEY: 1.0,
+                best_key: last.get(best_key, math.nan),
+                "error": str(err),
+                TRIAL_FOLDER_KEY: work_dir.name,
+            }
+        )
         raise
     finally:
         # Also when Tune stops the trial (SystemExit inside tune.report).
