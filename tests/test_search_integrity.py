@@ -62,6 +62,19 @@ def cli(space: Path, *extra: str, cwd: Path | None = None) -> subprocess.Complet
     )
 
 
+def start(space: Path, *extra: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """``python -m mtl.search`` in the background, in its own session (for kill_driver)."""
+    return subprocess.Popen(
+        _cli(space, *extra),
+        cwd=cwd,
+        env=env or _env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. ASHA never stops a trial that ran its whole budget
 
@@ -198,15 +211,7 @@ def killed_and_resumed(tmp_path_factory, tiny_backbone, real_data_dir):
         "MTL_CACHE_DIR": str(root / "cache"),
     }
     exp = root / "store" / "uri"
-    proc = subprocess.Popen(
-        _cli(space, "--set", "base.train.epochs=1"),
-        cwd=root / "a",
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(space, "--set", "base.train.epochs=1", cwd=root / "a", env=env)
     try:
 
         def one_done_one_running():
@@ -348,15 +353,7 @@ def test_resume_after_a_crash_before_the_first_experiment_state_runs_the_whole_s
         },
     )
     exp = tmp_path / "results" / "early"
-    proc = subprocess.Popen(
-        _cli(space),
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(space, cwd=tmp_path)
     try:
         deadline = time.time() + 240
         while not (exp / "tuner.pkl").exists() and proc.poll() is None and time.time() < deadline:
@@ -396,15 +393,7 @@ def test_asha_after_a_resume_still_stops_by_the_first_runs_results(
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
     )
     exp = tmp_path / "results" / "rungs"
-    proc = subprocess.Popen(
-        _cli(space),
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(space, cwd=tmp_path)
     try:
 
         def first_done():
