@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtl import contrastive, smart
+from mtl import allocator, contrastive, smart
 from mtl import data as data_lib
 from mtl import pal as pal_lib
 from mtl import precision as precision_lib
@@ -532,6 +532,8 @@ def train(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = _device(cfg)
+    if device.type == "cpu":
+        allocator.keep_freed_memory()
     precision = precision_lib.choose_precision(cfg.train.precision, device)
     write_run_info(run_dir, cfg, precision_lib.run_record(precision, device))
     seed_everything(cfg.seed)
