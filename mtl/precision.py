@@ -7,9 +7,9 @@
   Rapids and later) or ``avx512_bf16`` (the ``VDPBF16PS`` dot product: Cooper Lake, AMD Zen 4 and
   later). oneDNN runs the linear layers' GEMMs in bf16 there; ``benchmarks/precision_epoch.py``
   measures what a whole epoch gains (README, Benchmarks);
-* fp32 everywhere else: without those instructions PyTorch converts bf16 to fp32 around every
-  GEMM, which is slower than fp32 throughout. CPUs of other architectures (Arm's ``bf16``
-  feature) are left at fp32 until someone measures them.
+* fp32 everywhere else: without those instructions oneDNN has no native bf16 GEMM and converts
+  around it, so bf16 is not expected to pay (not measured: the project's boxes have bf16). CPUs
+  of other architectures (Arm's ``bf16`` feature) are left at fp32 until someone measures them.
 
 ``train.precision: bf16`` or ``fp32`` is obeyed as written. The choice, its reason and the CPU's
 model and relevant flags go into the run folder's ``run_info.json``, because the same config
