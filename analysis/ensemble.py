@@ -53,11 +53,12 @@ from analysis.common import (
 )
 from analysis.tables import PAPER_TABLE_6, configuration, label
 from mtl import data as data_lib
+from mtl import precision
 from mtl.backbones import BackboneError, load_tokenizer, resolve_backbone
 from mtl.bert import CheckpointError
 from mtl.config import Config, ConfigError, build_config
 from mtl.heads import METRIC_NAMES, MultitaskBert, overall_score, task_metric
-from mtl.train import _autocast, build_model, write_predictions
+from mtl.train import build_model, write_predictions
 
 Key = tuple[str, str]  # (task, split)
 
@@ -215,7 +216,7 @@ def member_outputs(
         cache[key] = encode_splits(cfg, data)
     splits = cache[key]
     model = load_member(member, device)
-    autocast = _autocast(cfg, device)
+    autocast = precision.autocast(precision.choose_precision(cfg.train.precision, device), device)
     batch_size = cfg.train.batch_size * 2  # the trainer's evaluation batch size
     values = {
         k: split_scores(model, enc, batch_size, device, autocast) for k, enc in splits.items()

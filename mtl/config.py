@@ -95,7 +95,8 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     # Batches whose gradients are summed before one optimizer step.
     grad_accum_steps: int = Field(1, gt=0)
-    # auto: bf16 autocast on CUDA, fp32 elsewhere.
+    # auto: bf16 autocast on CUDA and on CPUs with amx_bf16 or avx512_bf16, else fp32
+    # (the rule: mtl/precision.py).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Evaluate on dev every this many epochs: a fraction (0.5) or a whole number.
     eval_every: float = Field(1.0, gt=0.0)

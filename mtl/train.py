@@ -45,9 +45,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtl import contrastive, smart
+from mtl import allocator, contrastive, smart
 from mtl import data as data_lib
 from mtl import pal as pal_lib
+from mtl import precision as precision_lib
 from mtl.backbones import Backbone, load_backbone
 from mtl.bert import BertModel, CheckpointError, key_problems
 from mtl.config import Config
@@ -114,8 +115,8 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def write_run_info(run_dir: Path, cfg: Config) -> None:
-    """Resolved config, command line, git commit, seed and library versions."""
+def write_run_info(run_dir: Path, cfg: Config, extra: Mapping[str, Any] | None = None) -> None:
+    """Resolved config, command line, git commit, seed, library versions, and ``extra``."""
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     info = {
         "command": [sys.executable, *sys.argv],
@@ -125,6 +126,7 @@ def write_run_info(run_dir: Path, cfg: Config) -> None:
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
+        **(extra or {}),
     }
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
@@ -451,13 +453,6 @@ def _device(cfg: Config) -> torch.device:
     return torch.device(cfg.train.device)
 
 
-def _autocast(cfg: Config, device: torch.device):
-    use_bf16 = cfg.train.precision == "bf16" or (
-        cfg.train.precision == "auto" and device.type == "cuda"
-    )
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
 def _tensorboard(run_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -534,12 +529,15 @@ def train(
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_info(run_dir, cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.seed)
     device = _device(cfg)
-    autocast = _autocast(cfg, device)
+    if device.type == "cpu":
+        allocator.keep_freed_memory()
+    precision = precision_lib.choose_precision(cfg.train.precision, device)
+    write_run_info(run_dir, cfg, precision_lib.run_record(precision, device))
+    seed_everything(cfg.seed)
+    autocast = precision_lib.autocast(precision, device)
 
     # The backbone, its config, tokenizer and weights checked once, before any data is tokenized.
     backbone = load_backbone(cfg)
@@ -563,7 +561,11 @@ def train(
     model = build_model(cfg, backbone.folder, stage1.path if stage1 else None, weights)
     del weights  # the model holds its own copy
     model = model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.peak_lr)
+    # Fused AdamW updates each tensor in one pass: on CPU 0.03 s a step for MiniLM's 22M
+    # parameters against 0.2 s for the default per-tensor loop (benchmarks/RESULTS_precision.md).
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg), lr=cfg.train.peak_lr, fused=device.type in ("cpu", "cuda")
+    )
     tasks = [t for t in cfg.data.tasks if t in data.train]
     train_sets = {t: data.train[t] for t in tasks}
     dev_sets = {t: data.dev[t] for t in tasks if t in data.dev}

@@ -27,7 +27,16 @@ def tiny_config(backbone: Path, data_dir: Path, out: Path, **sections: dict) -> 
             "max_eval_examples": 16,
             "max_length": 32,
         },
-        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": False, "log_every": 1},
+        # fp32: auto would train in bf16 on a CPU with bf16 instructions (mtl/precision.py), and
+        # these tests compare against fp32 recomputations on any machine.
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "progress": False,
+            "log_every": 1,
+            "precision": "fp32",
+        },
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
