@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mtl.search.run import make_run_config, make_trainable
 from mtl.search.space import parse_space
-from mtl.search.trainable import DataCache, run_trial
+from mtl.search.trainable import WORKER_RUNTIME_ENV, DataCache, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # As mtl.search.run.init_ray starts Ray: every worker warms its imports as it starts.
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV
+    )
     root = Path(tempfile.mkdtemp(prefix="trial-startup-"))
     print(f"MiniLM on CPU, {args.trials} trials per setting, one at a time; seconds to first step")
     print(
