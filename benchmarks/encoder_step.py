@@ -361,8 +361,8 @@ def run_batches(
         cpu = {name: [t[1] for t in ts] for name, ts in times.items()}
         ratio, line = summarize("process CPU", cpu["ours"], cpu["hf"])
         print(f"{label} {line}", flush=True)
-    else:
-        # Fixed shapes only (synthetic data): the grid's tokens, padding counted as work.
+    elif len(batches) == 1:
+        # One fixed shape (synthetic data): MFU on the grid's tokens, padding counted as work.
         batch_size, seq = timed[0].input_ids.shape
         flops = step_flops(ours, batch_size, seq)
         for name, ts in wall.items():
@@ -373,6 +373,9 @@ def run_batches(
                 f"MFU {flops / seconds / (args.peak_tflops * 1e12):.1%}",
                 flush=True,
             )
+    else:
+        for name, ts in wall.items():
+            print(f"    {name}: {real / sum(ts):,.0f} real tokens/s", flush=True)
     return ratio
 
 
