@@ -12,8 +12,10 @@ Two clocks:
   ``optimizer.step()`` (a global ``torch.optim`` post-hook): config, checkpoint lookup, data,
   weights, model, first batch. This is the part the search controls; the 3-second target.
 * ``process`` (first trial only): from the start of the Ray worker process that runs the trial
-  (``/proc/self/stat``), adding Python, Ray, torch and transformers start-up. Later trials reuse
-  that process (``reuse_actors=True``, as ``mtl.search`` runs them), so they do not pay it.
+  (``/proc/self/stat``), adding Python, Ray, torch and transformers start-up and the imports that
+  :func:`mtl.search.trainable.warm_worker` makes as the worker starts (Ray's
+  ``worker_process_setup_hook``, as ``mtl.search`` starts Ray). Later trials reuse that process
+  (``reuse_actors=True``, as ``mtl.search`` runs them), so they do not pay it.
 
 The first trial also builds the cache in the shared run; it is reported apart from the later
 trials' median. Two data sizes: the quick.yaml slices (400 training and 200 dev examples per
