@@ -88,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         choices=["real", "synthetic"],
-        default="real",
-        help="real: batches of the CS224N training files; synthetic: fixed --shapes",
+        default=None,
+        help="real: batches of the CS224N training files; synthetic: fixed --shapes "
+        "(default: synthetic when --shapes is given, else real)",
     )
     parser.add_argument(
         "--data-dir",
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{args.warmup} warm-up + {args.steps} timed steps per model"
     )
-    if args.data == "real":
+    if (args.data or ("synthetic" if args.shapes else "real")) == "real":
         for label, batches in real_batches(args, ours.config.vocab_size, device).items():
             run_batches(args, ours, theirs, label, batches, device)
         return

@@ -39,6 +39,15 @@ def test_a_fresh_worker_has_the_trainer_imported_before_its_first_task(local_ray
     assert all(ray.get(_imported.remote(WARM_MODULES)).values())
 
 
+def test_the_data_cache_starts_without_the_warm_up(local_ray) -> None:
+    cache = DataCache.remote()
+    try:
+        dynamo = ray.get(cache.__ray_call__.remote(lambda _: "torch._dynamo" in sys.modules))
+        assert not dynamo
+    finally:
+        ray.kill(cache)
+
+
 def space_for(root: Path, backbone: Path, data_dir: Path, parameters: dict) -> object:
     return parse_space(
         {
@@ -79,5 +88,18 @@ def test_making_the_trainable_starts_the_cache_on_the_trials_data(
         trial = merge(space.trial_config({}), _settings(space))
         assert build_config(trial).data.max_length == 32
         assert held["data"] == ([data_key(trial)] if data_prefetched else [])
+    finally:
+        ray.kill(cache)
+
+
+def test_a_failed_prefetch_leaves_the_error_to_the_trials(local_ray, tmp_path, tiny_backbone):
+    cache = DataCache.remote()
+    try:
+        space = space_for(tmp_path, tiny_backbone, tmp_path / "no-data", LR)
+        make_trainable(space, cache)  # no error here: nothing waits on the prefetch
+        assert ray.get(cache.cached.remote()) == {"data": [], "weights": [str(tiny_backbone)]}
+        trial = merge(space.trial_config({}), _settings(space))
+        with pytest.raises(ray.exceptions.RayTaskError, match="no-data: no such folder"):
+            ray.get(cache.get.remote(data_key(trial), trial))
     finally:
         ray.kill(cache)

@@ -81,6 +81,9 @@ WARM_MODULES = (
 )
 # The runtime_env that runs warm_worker in every worker process of a search, as it starts.
 WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "mtl.search.trainable.warm_worker"}
+# Set (in its runtime_env) for the data cache's worker: it tokenizes and reads weights but never
+# steps an optimizer, and the first trial waits for it, so it starts without the warm-up.
+NO_WARM_ENV = "MTL_NO_WARM_IMPORTS"
 
 
 def warm_worker() -> None:
@@ -91,6 +94,8 @@ def warm_worker() -> None:
     the worker starts with the imports done. A module that fails to import is only logged:
     the trial then imports it itself and reports the real error.
     """
+    if os.environ.get(NO_WARM_ENV):
+        return
     for name in WARM_MODULES:
         try:
             importlib.import_module(name)
@@ -108,10 +113,11 @@ def prefetch(spec: TrialSpec) -> None:
     if spec.data_cache is None:
         return
     cfg_dict = merge(spec.base, spec.settings)  # as run_trial builds a trial's config
-    spec.data_cache.weights.remote(build_config(cfg_dict).model.backbone)
     keyed = ("data.", "model.backbone", "model.design", "seed")
-    if not any(path.startswith(keyed) for path in spec.paths.values()):
-        spec.data_cache.get.remote(data_key(cfg_dict), cfg_dict)
+    fixed = not any(path.startswith(keyed) for path in spec.paths.values())
+    spec.data_cache.prefetch.remote(
+        data_key(cfg_dict) if fixed else None, cfg_dict, build_config(cfg_dict).model.backbone
+    )
 
 
 def scratch_root() -> Path:
@@ -212,7 +218,7 @@ def unpack(data: Any) -> Any:
     return _map_splits(data, lambda v: v.tensors() if isinstance(v, _Sequences) else v)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, runtime_env={"env_vars": {NO_WARM_ENV: "1"}})
 class DataCache:
     """Builds each distinct tokenized dataset once and keeps it in the object store."""
 
@@ -238,6 +244,20 @@ class DataCache:
             state = read_checkpoint(resolve_backbone(backbone))
             self._weights[backbone] = ray.put({k: v.numpy() for k, v in state.items()})
         return [self._weights[backbone]]
+
+    def prefetch(self, key: str | None, cfg_dict: dict[str, Any], backbone: str) -> None:
+        """:meth:`weights`, then :meth:`get` unless ``key`` is None, ahead of the trials.
+
+        A failure (a missing data file, a broken backbone) is only logged here: nothing waits
+        on this call, and each trial's own call builds again and fails with the real error,
+        which the trial reports.
+        """
+        try:
+            self.weights(backbone)
+            if key is not None:
+                self.get(key, cfg_dict)
+        except Exception as err:  # each trial's own call raises it again, and reports it
+            log.info("prefetch failed (%s: %s); the trials will report it", type(err).__name__, err)
 
     def cached(self) -> dict[str, list[str]]:
         """The data keys (``data``) and backbones (``weights``) built so far."""
