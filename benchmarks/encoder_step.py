@@ -6,9 +6,18 @@ Steps then alternate between the two models, first a warm-up and then the timed 
 the script prints each model's median step time and the median of the per-repeat ratios
 ours/theirs. Hugging Face runs with ``attn_implementation="sdpa"``, its fastest path.
 
-    python benchmarks/encoder_step.py                     # CPU, MiniLM weights, 32x64 and 32x128
-    python benchmarks/encoder_step.py --device cuda --dtype bf16 --config base   # GPU, + MFU
-    python benchmarks/encoder_step.py --device cpu --config base --steps 2 --warmup 1 --shapes 2x16
+Batches (``--data real``, the default) are drawn from the CS224N training files
+($MTL_DATA_DIR), tokenized as the trainer does (design 2: a pair is one sequence), the three
+tasks in turn, each batch padded to its own longest sequence as a collator makes them:
+``random`` batches are uniform draws (much padding), ``bucketed`` ones come from the trainer's
+length buckets (``mtl.data.batch_order``; little padding). Every timed repeat is a new batch,
+the same one for both models. ``--data synthetic`` uses fixed BATCHxSEQ shapes (``--shapes``),
+lengths drawn from [seq/2, seq], for throughput and MFU figures.
+
+    python benchmarks/encoder_step.py                     # CPU, MiniLM, real batches of 32
+    python benchmarks/encoder_step.py --dtype bf16        # the same under bf16 autocast
+    python benchmarks/encoder_step.py --device cuda --dtype bf16 --config base --data synthetic
+    python benchmarks/encoder_step.py --device cpu --config base --steps 2 --warmup 1 --batch-size 2
 
 On a GPU it also prints tokens per second and model-FLOPs utilisation, with the usual count of
 6*N*T + 12*L*H*S*T FLOPs per step (N non-embedding parameters, T tokens, L layers, H hidden,
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -32,8 +42,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtl.backbones import resolve_backbone
+from mtl import data as data_lib
+from mtl.backbones import load_tokenizer, resolve_backbone
 from mtl.bert import BertConfig, BertModel
+from mtl.config import TASKS
+
+REPO = Path(__file__).resolve().parents[1]
 
 # BERT-base's shape, for GPU throughput: random weights, nothing to download.
 BASE_SHAPE = dict(
@@ -72,9 +86,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="minilm: the packaged weights; base: BERT-base shape, random weights",
     )
     parser.add_argument(
+        "--data",
+        choices=["real", "synthetic"],
+        default=None,
+        help="real: batches of the CS224N training files; synthetic: fixed --shapes "
+        "(default: synthetic when --shapes is given, else real)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("MTL_DATA_DIR", str(REPO.parent / "shared" / "data" / "cs224n")),
+    )
+    parser.add_argument(
+        "--batching",
+        default="random,bucketed",
+        help="real data: comma-separated batch orders, random and/or bucketed",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="real data: examples per batch")
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="real data: tokens per sequence (truncation)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["for-loop", "foreach", "fused"],
+        default=None,
+        help="AdamW implementation for both models (default: fused on cuda, for-loop on cpu, "
+        "torch's default there)",
+    )
+    parser.add_argument(
         "--shapes",
         default=None,
-        help="comma-separated BATCHxSEQ (default: 32x64,32x128 for minilm, 32x128 for base)",
+        help="synthetic data: comma-separated BATCHxSEQ (default: 32x64,32x128 for minilm, "
+        "32x128 for base)",
     )
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per model")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
@@ -130,14 +172,58 @@ def make_batch(
     return Batch(ids.to(device), mask.to(device), token_types.to(device))
 
 
+def real_batches(args: argparse.Namespace, vocab_size: int, device: torch.device) -> dict:
+    """Batching -> batches of the real training files, the tasks in turn, as many as a run uses.
+
+    Each task's training split is subsampled to 4,000 examples (enough for the run's batches,
+    and its lengths follow the whole file's), tokenized with MiniLM's tokenizer (BERT's
+    uncased vocabulary, which BERT-base shares) in design 2.
+    """
+    tokenizer = load_tokenizer(resolve_backbone("minilm"))
+    if tokenizer.vocab_size > vocab_size:
+        raise SystemExit(f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's")
+    needed = args.warmup + args.steps + 1
+    out = {}
+    for batching in args.batching.split(","):
+        if batching not in ("random", "bucketed"):
+            raise SystemExit(f"--batching: unknown order {batching!r} (random, bucketed)")
+        per_task = []
+        for task in TASKS:
+            raw = data_lib.read_split(Path(args.data_dir), task, "train")
+            enc = data_lib.encode(
+                data_lib.subsample(raw, 4000, args.seed), tokenizer, args.max_length, design=2
+            )
+            gen = torch.Generator().manual_seed(args.seed)
+            order = data_lib.batch_order(
+                enc.lengths, args.batch_size, gen, bucket=batching == "bucketed"
+            )
+            full = [i for i in order if len(i) == args.batch_size]
+            per_task.append([data_lib.collate(enc, i) for i in full[: needed // len(TASKS) + 1]])
+        mixed = [b for group in zip(*per_task, strict=True) for b in group][:needed]
+        out[batching] = [
+            Batch(
+                b.input_ids.to(device),
+                b.attention_mask.to(device),
+                (
+                    torch.zeros_like(b.input_ids) if b.token_type_ids is None else b.token_type_ids
+                ).to(device),
+            )
+            for b in mixed
+        ]
+    return out
+
+
 def loss_of(model: nn.Module, batch: Batch) -> Tensor:
-    """A scalar that touches every output: pooler energy plus the mean last state."""
+    """A scalar that touches every output a head reads: pooler energy plus the mean of the real
+    tokens' last states (padded positions are read by nothing, and differ by design)."""
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         token_type_ids=batch.token_type_ids,
     )
-    return out.pooler_output.float().square().sum() + out.last_hidden_state.float().mean()
+    real = batch.attention_mask[..., None].to(torch.float32)  # (batch, seq, 1)
+    mean = (out.last_hidden_state.float() * real).sum() / (real.sum() * real.shape[-1])
+    return out.pooler_output.float().square().sum() + mean
 
 
 def assert_same_step(ours: BertModel, theirs: nn.Module, batch: Batch) -> None:
@@ -174,13 +260,19 @@ def assert_same_step(ours: BertModel, theirs: nn.Module, batch: Batch) -> None:
     theirs.zero_grad(set_to_none=True)
 
 
-def make_step(
-    model: nn.Module, batch: Batch, device: torch.device, dtype: str
-) -> Callable[[], tuple[float, float]]:
-    """A closure running one training step; returns its (wall, process CPU) seconds."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
+    """AdamW in one of torch's three implementations."""
+    options = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True)}
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, **options.get(kind, dict(fused=True)))
 
-    def step() -> tuple[float, float]:
+
+def make_step(
+    model: nn.Module, device: torch.device, dtype: str, optimizer_kind: str
+) -> Callable[[Batch], tuple[float, float]]:
+    """A closure running one training step on a batch; returns its (wall, process CPU) seconds."""
+    optimizer = make_optimizer(model, optimizer_kind)
+
+    def step(batch: Batch) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
@@ -221,51 +313,70 @@ def step_flops(model: BertModel, batch: int, seq: int) -> float:
     return 6 * n * tokens + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq * tokens
 
 
-def run_shape(
+def run_batches(
     args: argparse.Namespace,
     ours: BertModel,
     theirs: nn.Module,
-    batch_size: int,
-    seq: int,
+    label: str,
+    batches: list[Batch],
     device: torch.device,
 ) -> float:
-    """Checks, warms up and times one shape; prints a line; returns the median ratio."""
-    gen = torch.Generator().manual_seed(args.seed)
-    batch = make_batch(ours.config.vocab_size, batch_size, seq, gen, device)
-    # Earlier shapes' AdamW steps may have drifted the two apart; start this one equal.
+    """Checks on the first batch, warms up and times the rest; prints lines; returns the
+    median ratio. ``batches`` holds 1 + warmup + steps batches (or one, reused)."""
+    # Earlier runs' AdamW steps may have drifted the two apart; start this one equal.
     theirs.load_state_dict(ours.state_dict())
-    assert_same_step(ours, theirs, batch)
+    assert_same_step(ours, theirs, batches[0])
+    kind = args.optimizer or ("fused" if device.type == "cuda" else "for-loop")
     steps = {
-        "ours": make_step(ours, batch, device, args.dtype),
-        "hf": make_step(theirs, batch, device, args.dtype),
+        "ours": make_step(ours, device, args.dtype, kind),
+        "hf": make_step(theirs, device, args.dtype, kind),
     }
-    for _ in range(args.warmup):
-        steps["ours"]()
-        steps["hf"]()
+
+    def batch(i: int) -> Batch:
+        return batches[(1 + i) % len(batches)]
+
+    for i in range(args.warmup):
+        steps["ours"](batch(i))
+        steps["hf"](batch(i))
+    timed = [batch(args.warmup + i) for i in range(args.steps)]
+    real = sum(int(b.attention_mask.sum()) for b in timed)
+    grid = sum(b.attention_mask.numel() for b in timed)
+    widths = [b.input_ids.shape[1] for b in timed]
+    print(
+        f"{label}: {len(timed)} timed batches of {timed[0].input_ids.shape[0]}, padded widths "
+        f"{min(widths)}-{max(widths)} (median {statistics.median(widths):.0f}), "
+        f"{real / grid:.0%} of positions real; AdamW {kind}",
+        flush=True,
+    )
     times: dict[str, list[tuple[float, float]]] = {"ours": [], "hf": []}
-    for i in range(args.steps):
+    for i, b in enumerate(timed):
         # Alternate who goes first so neither always inherits the other's cache state.
         order = ("ours", "hf") if i % 2 == 0 else ("hf", "ours")
         for name in order:
-            times[name].append(steps[name]())
+            times[name].append(steps[name](b))
     wall = {name: [t[0] for t in ts] for name, ts in times.items()}
     ratio, line = summarize("wall", wall["ours"], wall["hf"])
-    print(f"{batch_size}x{seq} {line}", flush=True)
+    print(f"{label} {line}", flush=True)
     if device.type == "cpu":
         # Process CPU time leaves out the time other jobs on a shared machine hold the cores.
         cpu = {name: [t[1] for t in ts] for name, ts in times.items()}
         ratio, line = summarize("process CPU", cpu["ours"], cpu["hf"])
-        print(f"{batch_size}x{seq} {line}", flush=True)
-    else:
+        print(f"{label} {line}", flush=True)
+    elif len(batches) == 1:
+        # One fixed shape (synthetic data): MFU on the grid's tokens, padding counted as work.
+        batch_size, seq = timed[0].input_ids.shape
         flops = step_flops(ours, batch_size, seq)
         for name, ts in wall.items():
             seconds = statistics.median(ts)
             print(
-                f"    {name}: {batch_size * seq / seconds:,.0f} tokens/s, "
+                f"    {name}: {batch_size * seq / seconds:,.0f} grid tokens/s, "
                 f"{flops / seconds / 1e12:.1f} TFLOP/s, "
                 f"MFU {flops / seconds / (args.peak_tflops * 1e12):.1%}",
                 flush=True,
             )
+    else:
+        for name, ts in wall.items():
+            print(f"    {name}: {real / sum(ts):,.0f} real tokens/s", flush=True)
     return ratio
 
 
@@ -276,16 +387,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    shapes = args.shapes or ("32x64,32x128" if args.config == "minilm" else "32x128")
     ours, theirs = build_models(args.config, device)
     print(
         f"{args.config} on {device} ({args.dtype}, {torch.get_num_threads()} CPU threads), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{args.warmup} warm-up + {args.steps} timed steps per model"
     )
+    if (args.data or ("synthetic" if args.shapes else "real")) == "real":
+        for label, batches in real_batches(args, ours.config.vocab_size, device).items():
+            run_batches(args, ours, theirs, label, batches, device)
+        return
+    shapes = args.shapes or ("32x64,32x128" if args.config == "minilm" else "32x128")
     for shape in shapes.split(","):
         batch_size, seq = (int(x) for x in shape.lower().split("x"))
-        run_shape(args, ours, theirs, batch_size, seq, device)
+        gen = torch.Generator().manual_seed(args.seed)
+        batch = make_batch(ours.config.vocab_size, batch_size, seq, gen, device)
+        run_batches(args, ours, theirs, f"{batch_size}x{seq}", [batch], device)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ Two clocks:
   ``optimizer.step()`` (a global ``torch.optim`` post-hook): config, checkpoint lookup, data,
   weights, model, first batch. This is the part the search controls; the 3-second target.
 * ``process`` (first trial only): from the start of the Ray worker process that runs the trial
-  (``/proc/self/stat``), adding Python, Ray, torch and transformers start-up. Later trials reuse
-  that process (``reuse_actors=True``, as ``mtl.search`` runs them), so they do not pay it.
+  (``/proc/self/stat``), adding Python, Ray, torch and transformers start-up and the imports that
+  :func:`mtl.search.trainable.warm_worker` makes as the worker starts (Ray's
+  ``worker_process_setup_hook``, as ``mtl.search`` starts Ray). Later trials reuse that process
+  (``reuse_actors=True``, as ``mtl.search`` runs them), so they do not pay it.
 
 The first trial also builds the cache in the shared run; it is reported apart from the later
 trials' median. Two data sizes: the quick.yaml slices (400 training and 200 dev examples per
@@ -40,7 +42,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mtl.search.run import make_run_config, make_trainable
 from mtl.search.space import parse_space
-from mtl.search.trainable import DataCache, run_trial
+from mtl.search.trainable import WORKER_RUNTIME_ENV, DataCache, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +148,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # As mtl.search.run.init_ray starts Ray: every worker warms its imports as it starts.
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV
+    )
     root = Path(tempfile.mkdtemp(prefix="trial-startup-"))
     print(f"MiniLM on CPU, {args.trials} trials per setting, one at a time; seconds to first step")
     print(

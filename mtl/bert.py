@@ -6,12 +6,15 @@ Every sub-module is named after its key in Hugging Face's ``modeling_bert.py`` (
 (:func:`convert_hf_state_dict`, :meth:`BertModel.load_hf_state_dict`). This module never imports
 ``transformers``; a test enforces it.
 
-Speed comes from three choices, measured in ``benchmarks/encoder_step.py``: the query, key and
+Speed comes from four choices, measured in ``benchmarks/encoder_step.py``: the query, key and
 value projections run as one matmul (the three ``nn.Linear`` keep their checkpoint names and
 are concatenated at run time, which autograd splits back for free), attention is
-``F.scaled_dot_product_attention`` reading strided views of that one matmul's output, and the
-padding mask is built once per forward and dropped entirely when nothing is padded, so SDPA
-takes its mask-free kernel.
+``F.scaled_dot_product_attention`` reading strided views of that one matmul's output, the
+padding mask is built once per forward, and on CPU the layers skip the padding: the real tokens
+are gathered into one (tokens, hidden) matrix, every embedding, projection, feed-forward and
+LayerNorm runs on it, and only attention sees the padded (batch, seq) layout (:class:`Padding`;
+MosaicBERT's and FlashAttention's "unpadding"). Padded positions of ``last_hidden_state`` are
+then zero; every real position equals the padded computation's.
 
 Reference: Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for
 Language Understanding", https://arxiv.org/abs/1810.04805.
@@ -135,16 +138,113 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, inputs_embeds: Tensor, token_type_ids: Tensor | None) -> Tensor:
-        """Adds position and token-type embeddings to word embeddings (batch, seq, hidden)."""
-        seq_len = inputs_embeds.shape[1]
-        # Positions are 0..seq-1 for every row: slice the table instead of a lookup.
-        x = inputs_embeds + self.position_embeddings.weight[:seq_len]  # (seq, hidden) broadcast
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        token_type_ids: Tensor | None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Adds position and token-type embeddings to word embeddings.
+
+        Args:
+            inputs_embeds: (batch, seq, hidden), or (tokens, hidden) unpadded.
+            token_type_ids: (batch, seq), or (tokens,); None means all zeros.
+            position_ids: (tokens,) for unpadded input; None means 0..seq-1 in every row.
+        """
+        if position_ids is None:
+            # Positions are 0..seq-1 for every row: slice the table instead of a lookup.
+            seq_len = inputs_embeds.shape[1]
+            x = inputs_embeds + self.position_embeddings.weight[:seq_len]  # (seq, hidden)
+        else:
+            x = inputs_embeds + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Where a (batch, seq) batch's real tokens are: what every layer attends with.
+
+    Token vectors reach the layers in one of two layouts. Padded: (batch, seq, hidden), the
+    collator's grid. Unpadded (``indices`` set): (tokens, hidden), the real tokens only, in
+    row-major order, so the dense layers do no work on padding; attention alone scatters them
+    back into the grid (:func:`attention`). Build it with :func:`padding_of`.
+    """
+
+    batch: int
+    seq: int
+    # (batch, 1, 1, seq) bool, True for the keys to attend to; None when nothing is padded.
+    mask: Tensor | None
+    # (tokens,) long: the real tokens' positions in the flattened (batch * seq) grid; None
+    # when the layers see the padded layout.
+    indices: Tensor | None = None
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """(batch, seq, *rest) -> (tokens, *rest) when unpadded, else unchanged."""
+        if self.indices is None:
+            return x
+        return x.flatten(0, 1)[self.indices]
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(tokens, *rest) -> (batch, seq, *rest) with zeros at padding, when unpadded."""
+        if self.indices is None:
+            return x
+        grid = x.new_zeros(self.batch * self.seq, *x.shape[1:])
+        # index_put's backward gathers the real rows' gradient: no work on the padding.
+        return grid.index_put((self.indices,), x).view(self.batch, self.seq, *x.shape[1:])
+
+
+def padding_of(
+    attention_mask: Tensor | None, batch: int, seq: int, device: torch.device
+) -> Padding:
+    """The :class:`Padding` of a (batch, seq) 0/1 mask (None means nothing is padded).
+
+    On CPU the layers run unpadded whenever something is padded: counting the real tokens
+    needs their number on the host, free there. On an accelerator that count would stall the
+    host once per forward, so the layers stay padded and the mask is passed as it is, even
+    when nothing is padded. A bool mask, rather than an additive float one, stays right under
+    autocast, where the queries are bfloat16 while the embeddings are float32.
+    """
+    if attention_mask is None:
+        return Padding(batch, seq, None)
+    keep = attention_mask.bool()
+    mask = keep[:, None, None, :]  # (batch, 1, 1, seq): same keys masked for every head and query
+    if device.type != "cpu":
+        return Padding(batch, seq, mask)
+    indices = keep.flatten().nonzero().squeeze(1)  # (tokens,)
+    if indices.numel() == batch * seq:
+        return Padding(batch, seq, None)  # nothing padded: SDPA's mask-free kernel
+    return Padding(batch, seq, mask, indices)
+
+
+def attention(qkv: Tensor, padding: Padding, num_heads: int, dropout_p: float) -> Tensor:
+    """Multi-head scaled dot-product attention on fused projections, in either layout.
+
+    Args:
+        qkv: (batch, seq, 3 * width) or, unpadded, (tokens, 3 * width): queries, keys and
+            values side by side, each ``num_heads`` heads of width / num_heads.
+        padding: the batch's :class:`Padding`.
+        num_heads: heads.
+        dropout_p: dropout on the attention probabilities (0 in evaluation).
+
+    Returns:
+        (batch, seq, width), or (tokens, width) unpadded.
+    """
+    qkv = padding.pad(qkv)  # (batch, seq, 3 * width); zero rows at padding are masked keys
+    batch, seq, three_width = qkv.shape
+    width = three_width // 3
+    # Split, not view-permute-unbind: the backward then assembles the fused gradient with
+    # one cat instead of a stack plus a copy.
+    q, k, v = (
+        t.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)
+        for t in qkv.split(width, dim=-1)
+    )  # each (batch, heads, seq, head_dim), a strided view of qkv
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=padding.mask, dropout_p=dropout_p)
+    # SDPA lays its output out as (batch, seq, heads, head_dim), so this is usually a view.
+    return padding.unpad(out.transpose(1, 2).reshape(batch, seq, width))
 
 
 class BertSelfAttention(nn.Module):
@@ -153,31 +253,20 @@ class BertSelfAttention(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states: Tensor, attn_mask: Tensor | None) -> Tensor:
-        """Attends over the sequence; ``attn_mask`` is (batch, 1, 1, seq) bool or None."""
-        batch, seq, hidden = hidden_states.shape
+    def forward(self, hidden_states: Tensor, padding: Padding) -> Tensor:
+        """Attends over each sequence; (batch, seq, hidden) or (tokens, hidden) -> same."""
         # Concatenating 3 (hidden, hidden) weights costs far less than the activation matmuls
         # it merges, and its backward only slices the fused gradient.
         weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
         bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(hidden_states, weight, bias)  # (batch, seq, 3 * hidden)
-        # Split, not view-permute-unbind: the backward then assembles the fused gradient with
-        # one cat instead of a stack plus a copy.
-        q, k, v = (
-            t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-            for t in qkv.split(hidden, dim=-1)
-        )  # each (batch, heads, seq, head_dim), a strided view of qkv
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (batch, heads, seq, head_dim)
-        # SDPA lays its output out as (batch, seq, heads, head_dim), so this is usually a view.
-        return out.transpose(1, 2).reshape(batch, seq, hidden)
+        qkv = F.linear(hidden_states, weight, bias)  # (..., 3 * hidden)
+        dropout_p = self.dropout_p if self.training else 0.0
+        return attention(qkv, padding, self.num_heads, dropout_p)
 
 
 class BertSelfOutput(nn.Module):
@@ -201,8 +290,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states: Tensor, attn_mask: Tensor | None) -> Tensor:
-        return self.output(self.self(hidden_states, attn_mask), hidden_states)
+    def forward(self, hidden_states: Tensor, padding: Padding) -> Tensor:
+        return self.output(self.self(hidden_states, padding), hidden_states)
 
 
 class BertIntermediate(nn.Module):
@@ -239,7 +328,8 @@ class BertLayer(nn.Module):
 
     Wrappers (PAL adapters in ``mtl/pal.py``) replace entries of ``BertModel.encoder.layer``
     and reach the sub-blocks as ``attention.self``, ``attention.output``, ``intermediate`` and
-    ``output``; they must keep the signature ``forward(hidden_states, attn_mask, task=None)``.
+    ``output``; they must keep the signature ``forward(hidden_states, padding, task=None)`` and
+    accept both layouts of :class:`Padding` (every block but attention works per token).
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -248,11 +338,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertFFNOutput(config)
 
-    def forward(
-        self, hidden_states: Tensor, attn_mask: Tensor | None, task: str | None = None
-    ) -> Tensor:
-        """Maps (batch, seq, hidden) to (batch, seq, hidden); ``task`` is unused here."""
-        attention_output = self.attention(hidden_states, attn_mask)
+    def forward(self, hidden_states: Tensor, padding: Padding, task: str | None = None) -> Tensor:
+        """Maps (batch, seq, hidden) or (tokens, hidden) to the same; ``task`` is unused here."""
+        attention_output = self.attention(hidden_states, padding)
         return self.output(self.intermediate(attention_output), attention_output)
 
 
@@ -263,11 +351,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(
-        self, hidden_states: Tensor, attn_mask: Tensor | None, task: str | None = None
-    ) -> Tensor:
+    def forward(self, hidden_states: Tensor, padding: Padding, task: str | None = None) -> Tensor:
         for layer in self.layer:
-            hidden_states = layer(hidden_states, attn_mask, task=task)
+            hidden_states = layer(hidden_states, padding, task=task)
         return hidden_states
 
 
@@ -479,19 +565,28 @@ class BertModel(nn.Module):
                 wrappers pick their task's parameters with it.
 
         Returns:
-            The last layer's states and the pooled [CLS] vector.
+            The last layer's states (zero at padded positions when the layers ran unpadded,
+            see :func:`padding_of`) and the pooled [CLS] vector.
         """
-        given = [x is not None for x in (input_ids, inputs_embeds, embedding_output)]
-        if sum(given) != 1:
+        given = [x for x in (input_ids, inputs_embeds, embedding_output) if x is not None]
+        if len(given) != 1:
             raise ValueError("pass exactly one of input_ids, inputs_embeds and embedding_output")
+        batch, seq = given[0].shape[:2]
+        padding = padding_of(attention_mask, batch, seq, given[0].device)
         if embedding_output is not None:
-            hidden_states = embedding_output
+            hidden_states = padding.unpad(embedding_output)
         else:
             if inputs_embeds is None:
-                inputs_embeds = self.embeddings.word_embeddings(input_ids)
-            hidden_states = self.embeddings(inputs_embeds, token_type_ids)
-        attn_mask = _attention_mask(attention_mask)
-        hidden_states = self.encoder(hidden_states, attn_mask, task=task)
+                # Gather the ids, not their vectors: the lookup then skips the padding too.
+                inputs_embeds = self.embeddings.word_embeddings(padding.unpad(input_ids))
+            else:
+                inputs_embeds = padding.unpad(inputs_embeds)
+            if token_type_ids is not None:
+                token_type_ids = padding.unpad(token_type_ids)
+            position_ids = None if padding.indices is None else padding.indices % seq
+            hidden_states = self.embeddings(inputs_embeds, token_type_ids, position_ids)
+        hidden_states = self.encoder(hidden_states, padding, task=task)  # (tokens or b, s, hidden)
+        hidden_states = padding.pad(hidden_states)  # (batch, seq, hidden)
         return BertOutput(last_hidden_state=hidden_states, pooler_output=self.pooler(hidden_states))
 
     def load_hf_state_dict(
@@ -567,31 +662,19 @@ class BertModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p not in skip)
 
 
-def _attention_mask(attention_mask: Tensor | None) -> Tensor | None:
-    """Turns a (batch, seq) 0/1 padding mask into SDPA's (batch, 1, 1, seq) bool mask.
-
-    Returns None when nothing is padded, so SDPA can use its mask-free kernel. A bool mask,
-    rather than an additive float one, stays right under autocast, where the queries are
-    bfloat16 while the embeddings are float32.
-    """
-    if attention_mask is None:
-        return None
-    keep = attention_mask.bool()
-    if bool(keep.all()):
-        return None
-    return keep[:, None, None, :]  # (batch, 1, 1, seq): same keys masked for every head and query
-
-
 __all__ = [
     "BertConfig",
     "BertModel",
     "BertOutput",
     "CheckpointError",
+    "Padding",
+    "attention",
     "check_state_dict",
     "convert_hf_state_dict",
     "is_lfs_pointer",
     "key_problems",
     "lfs_pointer_message",
+    "padding_of",
     "read_checkpoint",
     "weights_file",
 ]

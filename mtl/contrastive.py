@@ -358,7 +358,7 @@ def train_stage1(
         validation loss of every epoch and the best one.
     """
     encoder.to(device).train()
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, fused=True)  # see mtl.train
     loss_fn = LOSSES[cfg.loss]
     best, best_state, bad, steps = float("inf"), None, 0, 0
     history: list[dict[str, float]] = []

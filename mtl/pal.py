@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl.bert import BertLayer, BertModel
+from mtl.bert import BertLayer, BertModel, Padding, attention
 from mtl.config import PalConfig
 
 # BERT-base's PAL width and hidden size (Stickland and Murray, section 4).
@@ -82,22 +82,17 @@ class PalAttention(nn.Module):
         nn.init.zeros_(self.qkv.bias)
         self.dropout_p = dropout
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-        """(batch, seq, d) -> (batch, seq, d); ``attn_mask`` as in :mod:`mtl.bert`."""
-        batch, seq, width = x.shape
-        qkv = self.qkv(x).view(batch, seq, 3, self.heads, width // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (batch, heads, seq, head_dim)
-        return out.transpose(1, 2).reshape(batch, seq, width)
+    def forward(self, x: Tensor, padding: Padding) -> Tensor:
+        """(batch, seq, d) or unpadded (tokens, d) -> same; see :class:`mtl.bert.Padding`."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        return attention(self.qkv(x), padding, self.heads, dropout_p)
 
 
 def projected_attention(
-    h: Tensor, attn_mask: Tensor | None, proj: PalProjections, attention: PalAttention
+    h: Tensor, padding: Padding, proj: PalProjections, pal_attention: PalAttention
 ) -> Tensor:
-    """PAL(h) = GELU(V_up · Attention(V_down · h)), (batch, seq, hidden) -> same."""
-    return F.gelu(proj.up(attention(proj.down(h), attn_mask)))
+    """PAL(h) = GELU(V_up · Attention(V_down · h)), (batch, seq, hidden) or (tokens, hidden)."""
+    return F.gelu(proj.up(pal_attention(proj.down(h), padding)))
 
 
 class PaperPal(nn.Module):
@@ -137,12 +132,10 @@ class _PalLayer(nn.Module):
 class StandardPalLayer(_PalLayer):
     """Stickland and Murray's layer: LN(FFN(a) + a + PAL(h))."""
 
-    def forward(
-        self, hidden_states: Tensor, attn_mask: Tensor | None, task: str | None = None
-    ) -> Tensor:
-        proj, attention = self._route(task)
-        attention_output = self.attention(hidden_states, attn_mask)
-        extra = projected_attention(hidden_states, attn_mask, proj, attention)
+    def forward(self, hidden_states: Tensor, padding: Padding, task: str | None = None) -> Tensor:
+        proj, pal_attention = self._route(task)
+        attention_output = self.attention(hidden_states, padding)
+        extra = projected_attention(hidden_states, padding, proj, pal_attention)
         # BertFFNOutput(x, residual) = LN(dropout(dense(x)) + residual).
         return self.output(self.intermediate(attention_output), attention_output + extra)
 
@@ -150,13 +143,11 @@ class StandardPalLayer(_PalLayer):
 class PaperPalLayer(_PalLayer):
     """The paper's layer (Figure 2): merge([SA(h), PAL(h)]), then BERT's attention output and FFN."""
 
-    def forward(
-        self, hidden_states: Tensor, attn_mask: Tensor | None, task: str | None = None
-    ) -> Tensor:
+    def forward(self, hidden_states: Tensor, padding: Padding, task: str | None = None) -> Tensor:
         proj, parts = self._route(task)
-        context = self.attention.self(hidden_states, attn_mask)  # (batch, seq, hidden)
-        extra = projected_attention(hidden_states, attn_mask, proj, parts.attention)
-        context = parts.merge(torch.cat([context, extra], dim=-1))  # (batch, seq, hidden)
+        context = self.attention.self(hidden_states, padding)  # (..., hidden), either layout
+        extra = projected_attention(hidden_states, padding, proj, parts.attention)
+        context = parts.merge(torch.cat([context, extra], dim=-1))  # (..., hidden)
         attention_output = self.attention.output(context, hidden_states)
         return self.output(self.intermediate(attention_output), attention_output)
 

@@ -90,6 +90,7 @@ def test_standard_pal_parameters_on_bert_base_come_to_about_1_8m_per_task() -> N
 def test_tasks_are_routed_to_their_own_pals(tiny_backbone: Path, variant: str) -> None:
     encoder = _encoder(tiny_backbone)
     pal.add_pals(encoder, PalConfig(variant=variant, heads=4), TASKS)
+    encoder.eval()  # the new PAL modules too: no attention dropout
     with torch.no_grad():
         encoder.pal["sts"].up.weight.normal_()
     batch = _batch("sst", 2)
@@ -168,3 +169,30 @@ def test_a_deep_copy_shares_its_own_projections(tiny_backbone: Path) -> None:
     assert twin.encoder.layer[0]._projections[0] is twin.pal
     assert twin.encoder.layer[1]._projections[0] is twin.pal
     assert twin.pal["sst"].up.weight is not encoder.pal["sst"].up.weight
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trained_pal_gives_each_row_of_a_padded_batch_its_own_output(
+    tiny_backbone: Path, variant: str
+) -> None:
+    """PAL attention runs in the encoder's unpadded layout: a padded batch's real tokens equal
+    each sequence run alone, once V_up has moved off zero (at zero the PAL adds nothing)."""
+    torch.manual_seed(0)
+    encoder = _encoder(tiny_backbone)
+    pal.add_pals(encoder, PalConfig(variant=variant, heads=4), TASKS)
+    encoder.eval()  # the new PAL modules too: no attention dropout
+    with torch.no_grad():
+        for p in pal.pal_parameters(encoder):
+            p.add_(torch.randn_like(p) * 0.1)
+        batch = _batch("para", 2)
+        assert not batch.attention_mask.bool().all()
+        out = encoder(batch.input_ids, batch.attention_mask, batch.token_type_ids, task="sts")
+        for row, length in enumerate(batch.attention_mask.sum(1).tolist()):
+            alone = encoder(
+                batch.input_ids[row : row + 1, :length],
+                token_type_ids=batch.token_type_ids[row : row + 1, :length],
+                task="sts",
+            )
+            torch.testing.assert_close(
+                out.last_hidden_state[row, :length], alone.last_hidden_state[0]
+            )

@@ -43,9 +43,11 @@ from mtl.search.searcher import CLOSED_ATTR, STEP_KEY, PruningOptunaSearch, make
 from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
 from mtl.search.trainable import (
     POINT_KEY,
+    WORKER_RUNTIME_ENV,
     DataCache,
     NoRetryOnNonFinite,
     TrialSpec,
+    prefetch,
     remove_scratch,
     run_trial,
     trial_dirname,
@@ -105,17 +107,19 @@ def init_ray(
     dashboard_host: str = "127.0.0.1",
     include_dashboard: bool | None = None,
 ) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start a local Ray for this run."""
+    """Join ``address`` (or $RAY_ADDRESS), else start a local Ray for this run; either way
+    every worker of this job warms its imports as it starts (:func:`warm_worker`)."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=WORKER_RUNTIME_ENV)
         return
     ray.init(
         address="local",  # a new Ray for this run, even if `ray start` left one running
         num_cpus=num_cpus,
         include_dashboard=include_dashboard,
         dashboard_host=dashboard_host,
+        runtime_env=WORKER_RUNTIME_ENV,
     )
 
 
@@ -243,7 +247,8 @@ def make_scheduler(space: DesignSpace) -> FIFOScheduler | EvaluationASHA:
 
 
 def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **kwargs: Any):
-    """``fn(config, spec=TrialSpec, **kwargs)`` with the trial's resources (benchmarks wrap it)."""
+    """``fn(config, spec=TrialSpec, **kwargs)`` with the trial's resources (benchmarks wrap it);
+    the data cache starts building the trials' data now (:func:`prefetch`)."""
     spec = TrialSpec(
         scratch=scratch_key(locate(space)),
         base=space.trial_config({}),
@@ -252,6 +257,7 @@ def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **k
         data_cache=data_cache,
         settings=_settings(space),
     )
+    prefetch(spec)
     res = space.resources_per_trial
     return tune.with_resources(
         tune.with_parameters(fn, spec=spec, **kwargs), {"cpu": res.cpu, "gpu": res.gpu}

@@ -1,0 +1,105 @@
+"""A fresh trial's start-up: warm imports in every Ray worker, and data built before it is asked.
+
+A real local Ray in this process (1 CPU, no dashboard), started as the search starts it
+(:func:`mtl.search.run.init_ray`), a real :class:`DataCache` actor, the tiny BERT and the real
+data files. The seconds themselves are measured in ``benchmarks/trial_startup.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from mtl.config import build_config, merge
+from mtl.search.run import _settings, init_ray, make_trainable
+from mtl.search.space import parse_space
+from mtl.search.trainable import WARM_MODULES, DataCache, data_key
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    assert not ray.is_initialized()
+    init_ray(None, num_cpus=1, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=1)
+def _imported(names: tuple[str, ...]) -> dict[str, bool]:
+    # This module imports mtl.search (torch, Ray Tune), but neither the trainer nor dynamo.
+    return {name: name in sys.modules for name in names}
+
+
+def test_a_fresh_worker_has_the_trainer_imported_before_its_first_task(local_ray) -> None:
+    assert all(ray.get(_imported.remote(WARM_MODULES)).values())
+
+
+def test_the_data_cache_starts_without_the_warm_up(local_ray) -> None:
+    cache = DataCache.remote()
+    try:
+        dynamo = ray.get(cache.__ray_call__.remote(lambda _: "torch._dynamo" in sys.modules))
+        assert not dynamo
+    finally:
+        ray.kill(cache)
+
+
+def space_for(root: Path, backbone: Path, data_dir: Path, parameters: dict) -> object:
+    return parse_space(
+        {
+            "experiment": {"name": "startup", "storage_path": str(root / "results")},
+            "base": {
+                "model": {"backbone": str(backbone), "head_hidden": 32},
+                "data": {
+                    "data_dir": str(data_dir),
+                    "max_train_examples": 32,
+                    "max_eval_examples": 16,
+                    "max_length": 32,
+                },
+            },
+            "parameters": parameters,
+            "search": {"sampler": "random", "num_samples": 1},
+            "scheduler": {"type": "fifo"},
+            "resources_per_trial": {"cpu": 1},
+        }
+    )
+
+
+LR = {"lr": {"path": "train.lr", "type": "float", "low": 1e-5, "high": 1e-3, "log": True}}
+MAX_LENGTH = {"max_length": {"path": "data.max_length", "type": "categorical", "choices": [16]}}
+
+
+@pytest.mark.parametrize(("parameters", "data_prefetched"), [(LR, True), (MAX_LENGTH, False)])
+def test_making_the_trainable_starts_the_cache_on_the_trials_data(
+    local_ray, tmp_path, tiny_backbone, real_data_dir, parameters, data_prefetched
+) -> None:
+    cache = DataCache.remote()
+    try:
+        space = space_for(tmp_path, tiny_backbone, real_data_dir, parameters)
+        make_trainable(space, cache)
+        # Actor calls run in order: whatever make_trainable asked for is done by now.
+        held = ray.get(cache.cached.remote())
+        assert held["weights"] == [str(tiny_backbone)]
+        # The key a trial computes (run_trial: the base, the forced settings, its parameters).
+        trial = merge(space.trial_config({}), _settings(space))
+        assert build_config(trial).data.max_length == 32
+        assert held["data"] == ([data_key(trial)] if data_prefetched else [])
+    finally:
+        ray.kill(cache)
+
+
+def test_a_failed_prefetch_leaves_the_error_to_the_trials(local_ray, tmp_path, tiny_backbone):
+    cache = DataCache.remote()
+    try:
+        space = space_for(tmp_path, tiny_backbone, tmp_path / "no-data", LR)
+        make_trainable(space, cache)  # no error here: nothing waits on the prefetch
+        assert ray.get(cache.cached.remote()) == {"data": [], "weights": [str(tiny_backbone)]}
+        trial = merge(space.trial_config({}), _settings(space))
+        with pytest.raises(ray.exceptions.RayTaskError, match="no-data: no such folder"):
+            ray.get(cache.get.remote(data_key(trial), trial))
+    finally:
+        ray.kill(cache)
