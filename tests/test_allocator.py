@@ -50,3 +50,34 @@ def test_large_blocks_stop_being_mmapped() -> None:
     assert result["before"] >= size  # glibc's default: a fresh mmap for a 64 MB block
     assert result["kept"] is True
     assert all(held < size for held in result["after"])  # from the heap, kept across frees
+
+
+# Frees 400 MB of 4 MB tensors under keep_freed_memory(), then trims: the process's resident size
+# falls back only after release_freed_memory().
+TRIM_PROBE = """
+import json, torch
+from mtl import allocator
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+allocator.keep_freed_memory()
+base = rss()
+blocks = [torch.ones(1024 * 1024) for _ in range(100)]  # 100 x 4 MB, touched
+del blocks
+kept = rss() - base
+released = allocator.release_freed_memory()
+print(json.dumps({"kept": kept, "released": released, "after": rss() - base}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_release_hands_freed_heap_back_to_the_kernel() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True, timeout=120
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kept"] > 300 * 1024 * 1024  # kept in the process after the frees
+    assert result["released"] is True
+    assert result["after"] < 100 * 1024 * 1024

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import json
 import logging
@@ -44,6 +45,7 @@ import ray
 import torch
 from ray import tune
 
+from mtl import allocator
 from mtl.config import build_config, merge
 from mtl.search.space import nest
 
@@ -405,6 +407,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # the last trial of the experiment on this node
             run_dir.parent.rmdir()
+        # The next trial may run in this same process (reuse_actors): return what this one
+        # freed, or the worker's resident memory grows trial after trial.
+        gc.collect()
+        allocator.release_freed_memory()
     outcome = {"finished": True, "best": best, "params": params, "node_id": node_id}
     (work_dir / OUTCOME_FILE).write_text(json.dumps(outcome, indent=2))
 
