@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr
 from tqdm.auto import tqdm
 
 from mtl.backbones import BackboneError, resolve_backbone
+from mtl.config import TASK_METRICS
 from mtl.data import DataError, RawSplit, read_split, resolve_data_dir, subsample
-from mtl.heads import overall_score
+from mtl.heads import overall_score, task_metric
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,13 @@ class TaskSpec:
     """How the baseline poses one task to ``AutoModelForSequenceClassification``."""
 
     name: str  # the multitask trainer's task name: sst, para or sts
-    metric: str  # the trainer's metric name
     num_labels: int  # 1 means regression
 
 
 TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("sst", "sst_acc", 5),
-    TaskSpec("para", "para_acc", 2),
-    TaskSpec("sts", "sts_pearson", 1),
+    TaskSpec("sst", 5),
+    TaskSpec("para", 2),
+    TaskSpec("sts", 1),
 )
 
 
@@ -96,15 +95,6 @@ def _batches(tokenizer, feats, labels, batch_size: int, order: list[int], regres
             dtype = torch.float32 if regression else torch.long
             batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=dtype)
         yield batch
-
-
-def _score(spec: TaskSpec, preds: np.ndarray, gold: list[float]) -> float | None:
-    """Accuracy, or Pearson's r for STS (None when either side is constant)."""
-    if spec.num_labels == 1:
-        if np.std(preds) == 0 or np.std(gold) == 0:
-            return None
-        return float(pearsonr(preds, np.asarray(gold, dtype=np.float64)).statistic)
-    return float(np.mean(preds == np.asarray(gold, dtype=np.int64)))
 
 
 def fine_tune(spec: TaskSpec, backbone: Path, train: RawSplit, dev: RawSplit, args) -> dict:
@@ -161,9 +151,9 @@ def fine_tune(spec: TaskSpec, backbone: Path, train: RawSplit, dev: RawSplit, ar
                 outputs.append(model(**batch).logits)
         logits = torch.cat(outputs)
         preds = logits.squeeze(-1).numpy() if regression else logits.argmax(-1).numpy()
-        per_epoch.append(_score(spec, preds, list(dev.labels)))
+        per_epoch.append(task_metric(spec.name, preds, np.asarray(dev.labels)))
     return {
-        "metric": spec.metric,
+        "metric": TASK_METRICS[spec.name],
         "score": per_epoch[-1],
         "epochs": per_epoch,
         "train_examples": len(train),

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy.stats import pearsonr
 
 from analysis import hf_baseline
 from mtl.data import read_split, subsample
-from mtl.heads import overall_score
+from mtl.heads import overall_score, task_metric
 
 
 def test_fine_tunes_each_task_on_the_local_split(
@@ -34,12 +35,14 @@ def test_fine_tunes_each_task_on_the_local_split(
     assert 0.0 <= record["tasks"]["sst"]["score"] <= 1.0 and len(dev) == 40
 
 
-def test_pearson_matches_scipy_and_is_undefined_for_constant_predictions() -> None:
-    spec = hf_baseline.TASKS[2]
-    preds, gold = np.array([0.1, 0.4, 0.3, 0.9]), [0.0, 2.0, 1.0, 5.0]
-    assert hf_baseline._score(spec, preds, gold) == float(pearsonr(preds, gold).statistic)
-    assert hf_baseline._score(spec, np.zeros(4), gold) is None
-    assert hf_baseline._score(hf_baseline.TASKS[0], np.array([1, 2]), [1, 3]) == 0.5
+def test_scores_are_the_trainers_metrics() -> None:
+    # The baseline scores with mtl.heads.task_metric: Pearson as scipy computes it, None for
+    # constant predictions, accuracy for the classification tasks.
+    preds, gold = np.array([0.1, 0.4, 0.3, 0.9]), np.array([0.0, 2.0, 1.0, 5.0])
+    assert task_metric("sts", preds, gold) == pytest.approx(float(pearsonr(preds, gold).statistic))
+    assert task_metric("sts", np.zeros(4), gold) is None
+    assert task_metric("sst", np.array([1, 2]), np.array([1, 3])) == 0.5
+    assert "task_metric(spec.name" in Path(hf_baseline.__file__).read_text()
 
 
 def test_a_missing_data_folder_is_one_line_and_status_2(tmp_path: Path, capsys) -> None:
