@@ -67,12 +67,14 @@ from mtl import data as data_lib
 from mtl.backbones import load_tokenizer, resolve_backbone
 from mtl.bert import BertModel
 from mtl.config import Config, ContrastiveConfig
+from mtl.tasks import BUILTIN, STAGE1_TASK
 
 log = logging.getLogger("mtl.contrastive")
 
 # Bump when the stage-1 procedure changes, so old cache entries are not reused.
 CACHE_FORMAT = 2
-_QUORA_FILES = (data_lib.split_file("para", "train"), data_lib.split_file("para", "dev"))
+_QUORA = BUILTIN[STAGE1_TASK]
+_QUORA_FILES = (data_lib.split_file(_QUORA, "train"), data_lib.split_file(_QUORA, "dev"))
 
 # ---------------------------------------------------------------------------------------------
 # Losses
@@ -180,14 +182,14 @@ def exclude_stage1(data: data_lib.TaskData, stage1: Stage1Result | None) -> data
     """``data`` with the stage-1 pairs removed from Quora training; ``data`` itself is untouched.
 
     A search shares one pre-tokenized :class:`~mtl.data.TaskData` between trials with and without
-    stage 1, so this returns a new object whose ``train["para"]`` is a filtered copy.
+    stage 1, so this returns a new object whose Quora training split is a filtered copy.
     """
-    if stage1 is None or "para" not in data.train:
+    if stage1 is None or STAGE1_TASK not in data.train:
         return data
-    para = data.train["para"]
+    para = data.train[STAGE1_TASK]
     keep = [i for i, example_id in enumerate(para.ids) if example_id not in stage1.ids]
-    log.info("para: held out %d stage-1 training pairs", len(para) - len(keep))
-    return replace(data, train={**data.train, "para": select(para, keep)})
+    log.info("%s: held out %d stage-1 training pairs", STAGE1_TASK, len(para) - len(keep))
+    return replace(data, train={**data.train, STAGE1_TASK: select(para, keep)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,9 +485,9 @@ def _train_and_cache(
     c = cfg.contrastive
     started = time.time()
     tokenizer = load_tokenizer(backbone_dir)
-    train_raw = _keep_ids(data_lib.read_split(data_dir, "para", "train"), stage1_ids)
+    train_raw = _keep_ids(data_lib.read_split(data_dir, _QUORA, "train"), stage1_ids)
     val_raw = data_lib.subsample(
-        data_lib.read_split(data_dir, "para", "dev"), c.max_val_examples, cfg.seed
+        data_lib.read_split(data_dir, _QUORA, "dev"), c.max_val_examples, cfg.seed
     )
     train_set = data_lib.encode(train_raw, tokenizer, c.max_length, design=1)
     val_set = data_lib.encode(val_raw, tokenizer, c.max_length, design=1)
@@ -525,7 +527,7 @@ def stage1_for_run(
     """
     if not cfg.contrastive.enabled:
         return None
-    pool = data.train["para"].ids
+    pool = data.train[STAGE1_TASK].ids
     result = run_stage1(cfg, pool, device, autocast)
     stage2 = [i for i in pool if i not in result.ids]
     summary = {k: v for k, v in asdict(result).items() if k != "ids"}

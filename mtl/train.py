@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,23 +51,19 @@ from mtl import pal as pal_lib
 from mtl.backbones import Backbone, load_backbone
 from mtl.bert import BertModel, CheckpointError, key_problems
 from mtl.config import Config
-from mtl.heads import (
-    METRIC_NAMES,
-    MultitaskBert,
+from mtl.heads import MultitaskBert
+from mtl.tasks import (
+    Task,
+    best_key,
+    configured,
+    metric_names,
     overall_score,
     pearson_undefined,
-    predict,
-    task_loss,
-    task_metric,
+    registry,
 )
 
 log = logging.getLogger("mtl.train")
 
-PREDICTION_HEADERS = {
-    "sst": "Predicted_Sentiment",
-    "para": "Predicted_Is_Paraphrase",
-    "sts": "Predicted_Similiary",  # sic: the CS224N grader's spelling
-}
 # The run folder's dev predictions and gold labels at the best evaluation so far.
 DEV_PREDICTIONS_FILE = "dev_predictions.csv"
 
@@ -155,7 +151,7 @@ def build_model(
     encoder = BertModel.from_pretrained(str(backbone_dir), state_dict=backbone_state, **overrides)
     if encoder_weights is not None:
         contrastive.load_encoder(encoder, encoder_weights)
-    model = MultitaskBert(encoder, cfg.model)
+    model = MultitaskBert(encoder, cfg.model, registry(cfg.data).values())
     if cfg.train.mode == "pretrain":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -257,18 +253,42 @@ def accumulation_windows(plan_len: int, evals: list[int], accum: int) -> list[in
 
 
 @torch.no_grad()
-def predict_split(
-    model: MultitaskBert, enc: data_lib.Encoded, batch_size: int, device: torch.device, autocast
+def split_outputs(
+    model: MultitaskBert,
+    enc: data_lib.Encoded,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    output: Callable[[Task, torch.Tensor], torch.Tensor],
 ) -> np.ndarray:
-    """Predictions for every example of one split, in the split's order."""
+    """``output(task, logits)`` for every example of one split, in the split's order, as float64.
+
+    Batches are formed in evaluation order (:func:`mtl.data.batch_order` without a generator),
+    so every caller (predictions, the ensemble's probabilities) sees the same batches and the
+    same logits.
+    """
     model.eval()
-    out = np.zeros(len(enc), dtype=np.float64)
+    task = model.tasks[enc.task]
+    out: np.ndarray | None = None
     for indices in data_lib.batch_order(enc.lengths, batch_size, None):
         batch = data_lib.collate(enc, indices).to(device)
         with autocast():
             logits = model(batch).logits
-        out[batch.index.cpu().numpy()] = predict(enc.task, logits).float().cpu().numpy()
-    return out
+        values = output(task, logits).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(enc), *values.shape[1:]), dtype=np.float64)
+        out[batch.index.cpu().numpy()] = values
+    return out if out is not None else np.zeros(0, dtype=np.float64)
+
+
+def predict_split(
+    model: MultitaskBert, enc: data_lib.Encoded, batch_size: int, device: torch.device, autocast
+) -> np.ndarray:
+    """Predictions (:meth:`mtl.tasks.Task.predict`) for every example of one split, in the
+    split's order."""
+    return split_outputs(
+        model, enc, batch_size, device, autocast, lambda task, logits: task.predict(logits).float()
+    )
 
 
 def evaluate(
@@ -280,34 +300,37 @@ def evaluate(
 ) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
     """Dev metrics (per task and overall) and the predictions behind them.
 
-    An undefined STS Pearson correlation is None, with a warning that says why; the overall
-    score counts it as 0 (:func:`mtl.heads.overall_score`).
+    An undefined Pearson correlation (STS) is None, with a warning that says why; the overall
+    score counts it as 0 (:func:`mtl.tasks.overall_score`).
     """
     metrics, preds = {}, {}
-    for task, enc in dev.items():
-        preds[task] = predict_split(model, enc, batch_size, device, autocast)
-        metrics[METRIC_NAMES[task]] = task_metric(task, preds[task], enc.labels.numpy())
-        if task == "sts" and metrics["sts_pearson"] is None:
+    for name, enc in dev.items():
+        task = model.tasks[name]
+        preds[name] = predict_split(model, enc, batch_size, device, autocast)
+        metrics[task.metric_name] = task.score(preds[name], enc.labels.numpy())
+        if metrics[task.metric_name] is None:
             log.warning(
-                "dev sts_pearson is undefined (%s): recorded as null; the overall score counts "
-                "it as 0",
-                pearson_undefined(preds[task], enc.labels.numpy()),
+                "dev %s is undefined (%s): recorded as null; the overall score counts it as 0",
+                task.metric_name,
+                pearson_undefined(preds[name], enc.labels.numpy()),
             )
-    metrics["overall"] = overall_score(metrics)
+    metrics["overall"] = overall_score(metrics, model.tasks.values())
     return metrics, preds
 
 
-def write_predictions(path: Path, task: str, ids: list[str], preds: np.ndarray) -> None:
+def write_predictions(path: Path, task: Task, ids: list[str], preds: np.ndarray) -> None:
     """The CS224N submission format: a header line, then ``id , value`` per example."""
-    lines = [f"id \t {PREDICTION_HEADERS[task]} \n"]
+    lines = [f"id \t {task.prediction_header} \n"]
     for i, p in zip(ids, preds, strict=True):
-        value = f"{p:.6f}" if task == "sts" else str(int(p))
-        lines.append(f"{i} , {value} \n")
+        lines.append(f"{i} , {task.format_value(p)} \n")
     path.write_text("".join(lines))
 
 
 def write_dev_predictions(
-    path: Path, dev: dict[str, data_lib.Encoded], preds: dict[str, np.ndarray]
+    path: Path,
+    dev: dict[str, data_lib.Encoded],
+    preds: dict[str, np.ndarray],
+    tasks: Mapping[str, Task],
 ) -> None:
     """Every dev prediction beside its gold label: a CSV ``task,id,prediction,gold``.
 
@@ -320,7 +343,7 @@ def write_dev_predictions(
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(["task", "id", "prediction", "gold"])
     for task, enc in dev.items():
-        cast = float if task == "sts" else int
+        cast = tasks[task].exact
         for row in zip(enc.ids, preds[task].tolist(), enc.labels.tolist(), strict=True):
             out.writerow([task, row[0], repr(cast(row[1])), repr(cast(row[2]))])
     tmp = path.with_name(path.name + ".tmp")
@@ -456,6 +479,12 @@ def _autocast(cfg: Config, device: torch.device):
         cfg.train.precision == "auto" and device.type == "cuda"
     )
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """The autocast context factory of ``cfg.train.precision`` on ``device`` (for callers outside
+    the trainer that rebuild a run's model, e.g. the ensemble)."""
+    return _autocast(cfg, device)
 
 
 def _tensorboard(run_dir: Path):
@@ -630,7 +659,7 @@ def train(
                 batch = data_lib.collate(train_sets[item.task], item.indices).to(device)
                 with autocast():
                     out = model(batch)
-                    loss = task_loss(item.task, out.logits, batch.labels)
+                    loss = model.tasks[item.task].loss(out.logits, batch.labels)
                     total = regularizer.add(loss, model, batch, out.logits)
                 if not torch.isfinite(total):
                     raise NonFiniteLossError(
@@ -663,10 +692,12 @@ def train(
                     if score > state.best:
                         state.best, state.best_metrics = score, dict(metrics)
                         _save_best(best_dir, model, cfg, metrics)
-                        write_dev_predictions(run_dir / DEV_PREDICTIONS_FILE, dev_sets, preds)
-                    metrics[f"best_{sel}"] = state.best
+                        write_dev_predictions(
+                            run_dir / DEV_PREDICTIONS_FILE, dev_sets, preds, model.tasks
+                        )
+                    metrics[best_key(sel)] = state.best
                     state.history.append(metrics)
-                    for key in (*METRIC_NAMES.values(), "overall"):
+                    for key in metric_names(configured(cfg.data)):
                         if metrics.get(key) is not None:  # no point for an undefined metric
                             writer.add_scalar(f"dev/{key}", metrics[key], state.step)
                     writer.flush()
@@ -676,7 +707,7 @@ def train(
                     (run_dir / "metrics.json").write_text(
                         json.dumps({"history": state.history, "best": state.best_metrics}, indent=2)
                     )
-                    log.info("eval %d: %s", state.evaluation, _fmt(metrics))
+                    log.info("eval %d: %s", state.evaluation, _fmt(metrics, cfg))
                     if reporter is not None:
                         reporter(
                             {k: math.nan if v is None else v for k, v in metrics.items()}, ckpt_dir
@@ -703,8 +734,8 @@ def train(
     return result
 
 
-def _fmt(metrics: Mapping[str, float | None]) -> str:
-    keys = ("sst_acc", "para_acc", "sts_pearson", "overall")
+def _fmt(metrics: Mapping[str, float | None], cfg: Config) -> str:
+    keys = metric_names(configured(cfg.data))
     values = {
         k: "undefined" if metrics[k] is None else f"{metrics[k]:.4f}" for k in keys if k in metrics
     }
@@ -737,7 +768,7 @@ def _write_hparams(writer, cfg: Config, best: dict[str, float]) -> None:
 
     flat = _flatten(cfg.to_dict())
     hp = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
-    names = ("overall", *METRIC_NAMES.values())
+    names = metric_names(configured(cfg.data))
     metric = {f"hparam/{k}": v for k, v in best.items() if k in names and v is not None}
     exp, ssi, sei = hparams(hp, metric)
     fw = writer._get_file_writer()
@@ -773,21 +804,33 @@ def _write_all_predictions(
             if task in sets:
                 preds = predict_split(model, sets[task], batch_size, device, autocast)
                 write_predictions(
-                    out_dir / f"{task}-{split}-output.csv", task, sets[task].ids, preds
+                    out_dir / f"{task}-{split}-output.csv", model.tasks[task], sets[task].ids, preds
                 )
     partial = [
         f"{task}-test-output.csv: {len(data.test[task])} of {data.test_rows[task]} test ids"
         for task in tasks
         if task in data.test and len(data.test[task]) < data.test_rows.get(task, 0)
     ]
+    write_missing(out_dir, data.missing, partial)
+
+
+def write_missing(
+    out_dir: Path, missing: Sequence[str], partial: Sequence[str] = ()
+) -> Path | None:
+    """``MISSING.txt`` beside prediction files that are not a whole submission: the absent test
+    files, and the test files predicted for a subsample only. Returns its path (None: nothing is
+    missing, no file)."""
     notes = []
-    if data.missing:
-        notes += ["No test predictions for these absent files:", *data.missing]
+    if missing:
+        notes += ["No test predictions for these absent files:", *missing]
     if partial:
         notes += ["Test predictions for a subsample only (data.max_eval_examples):", *partial]
         log.warning("test predictions are not a whole submission: %s", "; ".join(partial))
-    if notes:
-        (out_dir / "MISSING.txt").write_text("\n".join(notes) + "\n")
+    if not notes:
+        return None
+    path = out_dir / "MISSING.txt"
+    path.write_text("\n".join(notes) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"best dev: {_fmt(metrics)}  ->  {run_dir}")
+    print(f"best dev: {_fmt(metrics, cfg)}  ->  {run_dir}")
     return 0
 
 
