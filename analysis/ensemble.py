@@ -55,10 +55,11 @@ from analysis.tables import PAPER_TABLE_6, configuration, label
 from mtl import data as data_lib
 from mtl.backbones import BackboneError, load_tokenizer, resolve_backbone
 from mtl.bert import CheckpointError
+from mtl.build import autocast_for, build_model
 from mtl.config import Config, ConfigError, build_config
+from mtl.evaluation import split_outputs, write_missing, write_predictions
 from mtl.heads import MultitaskBert
 from mtl.tasks import Task, configured, overall_score, registry
-from mtl.train import autocast_for, build_model, split_outputs, write_missing, write_predictions
 
 Key = tuple[str, str]  # (task, split)
 
@@ -180,7 +181,7 @@ def split_scores(
 ) -> np.ndarray:
     """:meth:`mtl.tasks.Task.probabilities` (float64) for every example, in the split's order.
 
-    The trainer's :func:`mtl.train.split_outputs` forms the batches, exactly as for its own
+    The trainer's :func:`mtl.evaluation.split_outputs` forms the batches, exactly as for its own
     predictions, so the decisions equal the trainer's predictions bit for bit.
     """
     return split_outputs(

@@ -1,7 +1,7 @@
 """Paired comparisons of two configurations on the same dev examples.
 
 Every run keeps its dev predictions and gold labels at its best evaluation
-(``dev_predictions.csv``, written by :func:`mtl.train.write_dev_predictions`). Two sides A (the
+(``dev_predictions.csv``, written by :func:`mtl.evaluation.write_dev_predictions`). Two sides A (the
 base) and B (the base plus one choice) are compared by the difference ``B - A`` of each dev metric
 (SST accuracy, paraphrase accuracy, STS Pearson) and of the overall score, computed on the
 examples both sides predicted:
@@ -40,8 +40,8 @@ import pandas as pd
 from scipy import stats
 
 from analysis.common import COLUMN_NAMES, AnalysisError, Experiment, save_figure
+from mtl.evaluation import DEV_PREDICTIONS_FILE
 from mtl.tasks import BUILTIN, OVERALL, Task, metric_names
-from mtl.train import DEV_PREDICTIONS_FILE
 
 CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 9999

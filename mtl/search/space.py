@@ -48,6 +48,7 @@ from mtl.config import (
     merge,
     parse_override,
 )
+from mtl.schedule import evaluations_per_run
 from mtl.tasks import record_metrics, registry, unmeasured
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
@@ -307,15 +308,6 @@ def trial_config_dict(base: dict, paths: dict[str, str], params: dict[str, Any])
     for name, value in params.items():
         raw = merge(raw, nest(paths.get(name, name), value))
     return raw
-
-
-def evaluations_per_run(cfg: Config) -> int:
-    """Dev evaluations in a full run of ``cfg`` (ignoring max_steps), as the trainer schedules them."""
-    epochs, every = cfg.train.epochs, cfg.train.eval_every
-    if every < 1:
-        return epochs * max(1, round(1 / every))
-    k = int(every)
-    return sum(1 for e in range(epochs) if (e + 1) % k == 0 or e + 1 == epochs)
 
 
 def nest(path: str, value: Any) -> dict[str, Any]:
