@@ -17,26 +17,28 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from mtl.cache import atomic_write, cache_root, sha256_file
 from mtl.tasks import BUILTIN, SPLITS, Task, as_task, configured
 
 if TYPE_CHECKING:
     from mtl.config import DataConfig
 
 logger = logging.getLogger("mtl.data")
+# A split as read or as tokenized (see take).
+_Split = TypeVar("_Split", "RawSplit", "Encoded")
 
 # A byte that is not UTF-8, as ``errors="surrogateescape"`` decodes it.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -357,17 +359,23 @@ def _unusable(row: list[str], columns: int, id_col: int, multiline: bool) -> str
     return None
 
 
-def _take(raw: RawSplit, keep: Sequence[int]) -> RawSplit:
-    def pick(values: list[Any] | None) -> list[Any] | None:
-        return None if values is None else [values[i] for i in keep]
+def take(split: _Split, keep: Sequence[int]) -> _Split:
+    """The examples of ``split`` at positions ``keep``, in that order: the one way to take a
+    subset of a split, read (:class:`RawSplit`) or tokenized (:class:`Encoded`). Every
+    per-example field (a list or a tensor) is picked; the rest (task, split, report) is kept.
 
-    return replace(
-        raw,
-        ids=pick(raw.ids),
-        text_a=pick(raw.text_a),
-        text_b=pick(raw.text_b),
-        labels=pick(raw.labels),
-    )
+    Used by :func:`subsample`, by the held-out ids of :func:`load_task_data`, and by the
+    contrastive stage's pairs (:mod:`mtl.contrastive`).
+    """
+    index = torch.as_tensor(list(keep), dtype=torch.long)
+    picked: dict[str, Any] = {}
+    for f in fields(split):
+        value = getattr(split, f.name)
+        if isinstance(value, list):
+            picked[f.name] = [value[i] for i in keep]
+        elif isinstance(value, torch.Tensor):
+            picked[f.name] = value[index]
+    return replace(split, **picked)
 
 
 def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
@@ -387,29 +395,15 @@ def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
         raise ValueError(f"subsample size must be >= 0, got {n}")
     gen = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(raw), generator=gen)[:n].sort().values.tolist()
-    return _take(raw, keep)
-
-
-def _drop_ids(raw: RawSplit, exclude: set[str]) -> RawSplit:
-    return _take(raw, [i for i, example_id in enumerate(raw.ids) if example_id not in exclude])
+    return take(raw, keep)
 
 
 # --------------------------------------------------------------------------- download
 
 
 def default_cache_dir() -> Path:
-    """``$MTL_CACHE_DIR/data/<commit[:8]>``, else ``~/.cache/mtl/data/<commit[:8]>``."""
-    root = os.environ.get("MTL_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "mtl"
-    return base / "data" / DATA_COMMIT[:8]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """``<cache root>/data/<commit[:8]>`` (:func:`mtl.cache.cache_root`)."""
+    return cache_root() / "data" / DATA_COMMIT[:8]
 
 
 def _task_split_of(name: str) -> tuple[Task, str]:
@@ -423,7 +417,7 @@ def _task_split_of(name: str) -> tuple[Task, str]:
 def _check_file(path: Path, name: str, min_rows: Mapping[str, int]) -> str | None:
     """Why the file at ``path`` is not a valid copy of ``name``, or None when it is."""
     if name in SHA256:
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != SHA256[name]:
             return f"sha256 mismatch (expected {SHA256[name]}, got {got})"
         return None
@@ -498,13 +492,14 @@ def download_data(
                 continue
             logger.warning("%s: cached copy is invalid (%s); downloading again", dest, problem)
         url = f"{base_url.rstrip('/')}/{DATA_COMMIT}/data/{name}"
-        tmp = folder / f".{name}.{os.getpid()}.part"
-        _fetch(url, tmp, timeout)
-        problem = _check_file(tmp, name, rows_needed)
-        if problem is not None:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"{name}: {problem}; downloaded from {url}, not kept")
-        os.replace(tmp, dest)
+
+        def fetch_checked(tmp: Path, url: str = url, name: str = name) -> None:
+            _fetch(url, tmp, timeout)
+            problem = _check_file(tmp, name, rows_needed)
+            if problem is not None:
+                raise DataError(f"{name}: {problem}; downloaded from {url}, not kept")
+
+        atomic_write(dest, fetch_checked)
         logger.info("downloaded %s", dest)
     return folder
 
@@ -803,6 +798,8 @@ class TaskData:
         missing: Names of absent test files, e.g. ``quora-test-student.csv``.
         test_rows: Task -> rows of its test file, before any subsample: fewer in
             :attr:`test` means its test predictions are not a whole submission.
+        data_dir: The folder the files were read from (resolved once, :func:`resolve_data_dir`),
+            for whatever else of the run reads it (stage 1).
     """
 
     train: dict[str, Encoded]
@@ -811,6 +808,7 @@ class TaskData:
     reports: list[SkipReport]
     missing: list[str]
     test_rows: dict[str, int] = field(default_factory=dict)
+    data_dir: Path | None = None
 
 
 # The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
@@ -847,7 +845,7 @@ def load_task_data(
         DataError: A train or dev file is missing or lacks a column.
     """
     data_dir = resolve_data_dir(cfg.data_dir)
-    data = TaskData(train={}, dev={}, test={}, reports=[], missing=[])
+    data = TaskData(train={}, dev={}, test={}, reports=[], missing=[], data_dir=data_dir)
     for spec in configured(cfg):
         task = spec.name
         for split in SPLITS:
@@ -866,7 +864,7 @@ def load_task_data(
                 dropped = (exclude or {}).get(task)
                 if dropped:
                     before = len(raw)
-                    raw = _drop_ids(raw, dropped)
+                    raw = take(raw, [i for i, x in enumerate(raw.ids) if x not in dropped])
                     logger.info("%s: held out %d training examples", task, before - len(raw))
                 raw = subsample(raw, cfg.max_train_examples, seed)
             else:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mtl import data as D
+from mtl.cache import sha256_file
 from mtl.config import DataConfig
 from mtl.tasks import BUILTIN
 
@@ -541,7 +542,7 @@ def test_download_refuses_corrupted_file(served: Path, tmp_path: Path) -> None:
     ):
         D.download_data(cache, base_url=url, min_rows=SMALL_ROWS)
     message = str(err.value)
-    assert D.SHA256["sts-dev.csv"] in message and D._sha256(bad) in message
+    assert D.SHA256["sts-dev.csv"] in message and sha256_file(bad) in message
     assert "\n" not in message
     assert not (cache / "sts-dev.csv").exists()
     assert not any(p.name.endswith(".part") for p in cache.iterdir())
