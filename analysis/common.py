@@ -20,6 +20,7 @@ Paths recorded on the search machine are re-rooted into ``EXP`` when the folder 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -37,17 +38,14 @@ import optuna
 import pandas as pd
 import yaml
 
-from mtl.config import ConfigError
+from mtl import tasks as tasks_lib
+from mtl.config import ConfigError, build_config
 from mtl.search.space import DesignSpace, load_space
 
-# The paper's column order and names (Tables 1 to 6).
-METRICS: tuple[str, ...] = ("sst_acc", "para_acc", "sts_pearson", "overall")
-COLUMN_NAMES = {
-    "sst_acc": "SST Acc.",
-    "para_acc": "Paraphrase Acc.",
-    "sts_pearson": "STS Corr.",
-    "overall": "Overall Score",
-}
+# The built-in tasks' metrics in the paper's column order (Tables 1 to 6) and their column names;
+# an experiment that declares a task has its own (Experiment.metrics, Experiment.column_names).
+METRICS: tuple[str, ...] = tasks_lib.metric_names(tasks_lib.BUILTIN.values())
+COLUMN_NAMES: dict[str, str] = tasks_lib.metric_titles(tasks_lib.BUILTIN.values())
 RESULTS_FILE = "results.csv"
 SPACE_COPY = "design_space.yaml"  # a copy of the design space inside EXP, if the search keeps one
 ANALYSIS_DIR = "analysis"
@@ -91,6 +89,30 @@ class Experiment:
     def name(self) -> str:
         return self.path.name
 
+    @functools.cached_property
+    def tasks(self) -> dict[str, tasks_lib.Task]:
+        """Every task the experiment's trainer config knows (built-in and declared), by name."""
+        raw = self.space.base if self.space is not None else None
+        if raw is None:
+            raw = next(
+                (c for t in self.results["trial_id"] if (c := self.trial_config(t)) is not None),
+                {},
+            )
+        try:
+            return tasks_lib.registry(build_config(raw, "trial config").data)
+        except ConfigError:
+            return dict(tasks_lib.BUILTIN)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The dev metrics in the paper's column order: each task's, then overall."""
+        return tasks_lib.metric_names(self.tasks.values())
+
+    @property
+    def column_names(self) -> dict[str, str]:
+        """Metric -> its column name in tables (``SST Acc.``, ..., ``Overall Score``)."""
+        return tasks_lib.metric_titles(self.tasks.values())
+
     @property
     def param_names(self) -> list[str]:
         return [c.removeprefix("param.") for c in self.results.columns if c.startswith("param.")]
@@ -129,7 +151,9 @@ class Experiment:
     def history(self, trial_id: str) -> pd.DataFrame:
         """Dev metrics after every evaluation of a trial (Tune's result.json), one row each."""
         if trial_id not in self._history:
-            self._history[trial_id] = read_history(self.trial_dir(trial_id) / "result.json")
+            self._history[trial_id] = read_history(
+                self.trial_dir(trial_id) / "result.json", self.metrics
+            )
         return self._history[trial_id]
 
     def trial_config(self, trial_id: str) -> dict[str, Any] | None:
@@ -175,9 +199,9 @@ def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[i
     return [int(grace_period * reduction_factor**k) for k in range(count)]
 
 
-def read_history(path: Path) -> pd.DataFrame:
+def read_history(path: Path, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """Every evaluation reported in a Tune ``result.json`` (a retried trial's last report wins)."""
-    columns = ["evaluation", "epoch", "step", *METRICS]
+    columns = ["evaluation", "epoch", "step", *metrics]
     if not path.is_file():
         return pd.DataFrame(columns=columns)
     rows = []

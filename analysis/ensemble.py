@@ -53,12 +53,13 @@ from analysis.common import (
 )
 from analysis.tables import PAPER_TABLE_6, configuration, label
 from mtl import data as data_lib
-from mtl import precision
 from mtl.backbones import BackboneError, load_tokenizer, resolve_backbone
 from mtl.bert import CheckpointError
+from mtl.build import autocast_for, build_model
 from mtl.config import Config, ConfigError, build_config
-from mtl.heads import METRIC_NAMES, MultitaskBert, overall_score, task_metric
-from mtl.train import build_model, write_predictions
+from mtl.evaluation import split_outputs, write_missing, write_predictions
+from mtl.heads import MultitaskBert
+from mtl.tasks import Task, configured, overall_score, registry
 
 Key = tuple[str, str]  # (task, split)
 
@@ -76,8 +77,8 @@ class Member:
 
 @dataclass
 class Outputs:
-    """Per (task, split): example ids and scores (sst: (n, 5) probabilities; para: (n,)
-    probabilities; sts: (n,) similarity), in the split's order."""
+    """Per (task, split): example ids and scores (:meth:`mtl.tasks.Task.probabilities`; sst:
+    (n, 5) probabilities; para: (n,) probabilities; sts: (n,) similarity), in the split's order."""
 
     ids: dict[Key, list[str]]
     values: dict[Key, np.ndarray]
@@ -158,15 +159,16 @@ def encode_splits(cfg: Config, data: EvalData) -> dict[Key, data_lib.Encoded]:
     try:
         tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
         out = {}
-        for task in cfg.data.tasks:
+        for task in configured(cfg.data):
             raw = data_lib.read_split(data.data_dir, task, "dev")
             raw = data_lib.subsample(raw, data.max_eval_examples, data.seed)
-            out[(task, "dev")] = data_lib.encode(
+            out[(task.name, "dev")] = data_lib.encode(
                 raw, tokenizer, cfg.data.max_length, cfg.model.design
             )
-            if (data.data_dir / data_lib.split_file(task, "test")).is_file():
+            test = task.file("test")
+            if test is not None and (data.data_dir / test).is_file():
                 raw = data_lib.read_split(data.data_dir, task, "test")
-                out[(task, "test")] = data_lib.encode(
+                out[(task.name, "test")] = data_lib.encode(
                     raw, tokenizer, cfg.data.max_length, cfg.model.design
                 )
     except (data_lib.DataError, BackboneError) as err:
@@ -174,30 +176,22 @@ def encode_splits(cfg: Config, data: EvalData) -> dict[Key, data_lib.Encoded]:
     return out
 
 
-@torch.no_grad()
 def split_scores(
     model: MultitaskBert, enc: data_lib.Encoded, batch_size: int, device: torch.device, autocast
 ) -> np.ndarray:
-    """Probabilities (sst, para) or scores (sts) for every example, in the split's order.
+    """:meth:`mtl.tasks.Task.probabilities` (float64) for every example, in the split's order.
 
-    Batches are formed exactly as the trainer's ``predict_split`` forms them, so the decisions
-    equal the trainer's predictions bit for bit.
+    The trainer's :func:`mtl.evaluation.split_outputs` forms the batches, exactly as for its own
+    predictions, so the decisions equal the trainer's predictions bit for bit.
     """
-    shape = (len(enc), 5) if enc.task == "sst" else (len(enc),)
-    out = np.zeros(shape, dtype=np.float64)
-    for indices in data_lib.batch_order(enc.lengths, batch_size, None):
-        batch = data_lib.collate(enc, indices).to(device)
-        with autocast():
-            logits = model(batch).logits
-        logits = logits.float().cpu().double()
-        if enc.task == "sst":
-            values = torch.softmax(logits, dim=-1)
-        elif enc.task == "para":
-            values = torch.sigmoid(logits)
-        else:
-            values = logits
-        out[batch.index.numpy()] = values.numpy()
-    return out
+    return split_outputs(
+        model,
+        enc,
+        batch_size,
+        device,
+        autocast,
+        lambda task, logits: task.probabilities(logits.float().cpu().double()),
+    )
 
 
 def member_outputs(
@@ -216,7 +210,7 @@ def member_outputs(
         cache[key] = encode_splits(cfg, data)
     splits = cache[key]
     model = load_member(member, device)
-    autocast = precision.autocast(precision.choose_precision(cfg.train.precision, device), device)
+    autocast = autocast_for(cfg, device)
     batch_size = cfg.train.batch_size * 2  # the trainer's evaluation batch size
     values = {
         k: split_scores(model, enc, batch_size, device, autocast) for k, enc in splits.items()
@@ -246,32 +240,28 @@ def average(outputs: list[Outputs]) -> Outputs:
     return Outputs({k: first.ids[k] for k in keys}, values)
 
 
-def decide(task: str, values: np.ndarray) -> np.ndarray:
-    """Submission-format predictions from (mean) scores."""
-    if task == "sst":
-        return values.argmax(-1)
-    if task == "para":
-        return (values > 0.5).astype(np.int64)
-    return values
-
-
-def evaluate(outputs: Outputs, gold: dict[str, np.ndarray]) -> dict[str, float]:
+def evaluate(
+    outputs: Outputs, gold: dict[str, np.ndarray], tasks: dict[str, Task]
+) -> dict[str, float]:
+    """Dev metrics of (mean) scores: each task's :meth:`~mtl.tasks.Task.score` of its
+    :meth:`~mtl.tasks.Task.decide`, and the overall score."""
     metrics = {}
-    for (task, split), values in outputs.values.items():
-        if split == "dev" and task in gold:
-            metrics[METRIC_NAMES[task]] = task_metric(task, decide(task, values), gold[task])
-    metrics["overall"] = overall_score(metrics)
+    for (name, split), values in outputs.values.items():
+        if split == "dev" and name in gold:
+            task = tasks[name]
+            metrics[task.metric_name] = task.score(task.decide(values), gold[name])
+    metrics["overall"] = overall_score(metrics, tasks.values())
     return metrics
 
 
 def greedy(
-    outputs: list[Outputs], gold: dict[str, np.ndarray], metric: str
+    outputs: list[Outputs], gold: dict[str, np.ndarray], metric: str, tasks: dict[str, Task]
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Greedy forward selection on dev (without replacement); returns the chosen indices and
     the dev score after each step."""
 
     def score_of(o: Outputs) -> float:
-        value = evaluate(o, gold)[metric]
+        value = evaluate(o, gold, tasks)[metric]
         return 0.0 if value is None else value  # an undefined Pearson ranks as 0, as in overall
 
     scores = [score_of(o) for o in outputs]
@@ -297,35 +287,45 @@ def greedy(
 # Writing
 
 
-def write_outputs(folder: Path, outputs: Outputs, tasks: tuple[str, ...]) -> list[Path]:
-    """Dev and test predictions in the CS224N format; MISSING.txt for absent test files."""
+def write_outputs(folder: Path, outputs: Outputs, tasks: list[Task]) -> list[Path]:
+    """Dev and test predictions in the CS224N format (the trainer's writer); MISSING.txt for
+    absent test files (the trainer's note)."""
+    by_name = {t.name: t for t in tasks}
     written = []
-    for (task, split), values in outputs.values.items():
-        path = folder / f"{task}-{split}-output.csv"
-        write_predictions(path, task, outputs.ids[(task, split)], decide(task, values))
+    for (name, split), values in outputs.values.items():
+        task = by_name[name]
+        path = folder / f"{name}-{split}-output.csv"
+        write_predictions(path, task, outputs.ids[(name, split)], task.decide(values))
         written.append(path)
-    missing = [data_lib.split_file(t, "test") for t in tasks if (t, "test") not in outputs.values]
-    if missing:
-        path = folder / "MISSING.txt"
-        path.write_text("No test predictions for these absent files:\n" + "\n".join(missing) + "\n")
-        written.append(path)
-    return written
+    missing = [
+        test
+        for t in tasks
+        if (t.name, "test") not in outputs.values and (test := t.file("test")) is not None
+    ]
+    note = write_missing(folder, missing)
+    return written + ([note] if note is not None else [])
 
 
 def table_6(
-    members: list[Member], member_metrics: list[dict], chosen: list[int], metrics: dict
+    members: list[Member],
+    member_metrics: list[dict],
+    chosen: list[int],
+    metrics: dict,
+    names: tuple[str, ...] = METRICS,
 ) -> pd.DataFrame:
     rows = []
     for i, (m, mm) in enumerate(zip(members, member_metrics, strict=True)):
         used = "" if i in chosen else " (not selected)"
         rows.append({"": f"member {m.trial_id}: {m.configuration}{used}", **mm})
     rows.append({"": f"ensemble of {len(chosen)}: dev", **metrics})
-    rows.append({"": f"ensemble of {len(chosen)}: test", **dict.fromkeys(METRICS, math.nan)})
+    rows.append({"": f"ensemble of {len(chosen)}: test", **dict.fromkeys(names, math.nan)})
     return pd.DataFrame(rows)
 
 
-def _table_files(folder: Path, frame: pd.DataFrame, note: str) -> list[Path]:
-    shown = pd.DataFrame({"": frame[""], **{COLUMN_NAMES[m]: frame[m].map(fmt) for m in METRICS}})
+def _table_files(
+    folder: Path, frame: pd.DataFrame, note: str, columns: dict[str, str] = COLUMN_NAMES
+) -> list[Path]:
+    shown = pd.DataFrame({"": frame[""], **{c: frame[m].map(fmt) for m, c in columns.items()}})
     paper = pd.DataFrame(
         [
             {"": k, **{COLUMN_NAMES[m]: f"{v:.3f}" for m, v in zip(METRICS, vals, strict=True)}}
@@ -359,15 +359,15 @@ def run(
         print(f"member {m.trial_id} ({m.configuration}): scoring dev and test", flush=True)
         outputs.append(member_outputs(m, data, dev, cache))
     gold = gold_labels(cache)
-    member_metrics = [evaluate(o, gold) for o in outputs]
+    tasks = registry(members[0].cfg.data)
+    member_metrics = [evaluate(o, gold, tasks) for o in outputs]
     steps: list[dict[str, Any]] = []
     chosen = list(range(len(members)))
     if use_greedy:
-        chosen, steps = greedy(outputs, gold, exp.metric)
+        chosen, steps = greedy(outputs, gold, exp.metric, tasks)
     combined = average([outputs[i] for i in chosen])
-    metrics = evaluate(combined, gold)
-    tasks = members[0].cfg.data.tasks
-    written = write_outputs(folder, combined, tasks)
+    metrics = evaluate(combined, gold, tasks)
+    written = write_outputs(folder, combined, configured(members[0].cfg.data))
 
     note = (
         f"Dev: {'the whole dev set' if data.max_eval_examples is None else f'{data.max_eval_examples} examples per task (seed {data.seed})'}. "
@@ -377,7 +377,8 @@ def run(
             else "Every member averaged with equal weight."
         )
     )
-    written += _table_files(folder, table_6(members, member_metrics, chosen, metrics), note)
+    frame = table_6(members, member_metrics, chosen, metrics, exp.metrics)
+    written += _table_files(folder, frame, note, exp.column_names)
     frame = pd.DataFrame(
         [
             {

@@ -10,7 +10,7 @@ no warm-up, dynamic padding, the dev set scored after the last epoch (never chos
 Defaults are that script's usual ones (lr 2e-5, batch 32, 128 tokens) and 2 epochs.
 
 The scores are the multitask trainer's: SST and Quora accuracy, STS Pearson correlation, and the
-CS224N overall score (:func:`mtl.heads.overall_score`).
+CS224N overall score (:func:`mtl.tasks.overall_score`).
 
     python -m analysis.hf_baseline --out results/hf_baseline            # MiniLM, all local data
     python -m analysis.hf_baseline --out /tmp/b --max-train-examples 200 --max-eval-examples 100
@@ -27,7 +27,6 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,24 +34,16 @@ import torch
 from tqdm.auto import tqdm
 
 from mtl.backbones import BackboneError, resolve_backbone
-from mtl.config import TASK_METRICS
 from mtl.data import DataError, RawSplit, read_split, resolve_data_dir, subsample
-from mtl.heads import overall_score, task_metric
+from mtl.tasks import BUILTIN, Task, overall_score
+
+TASKS: tuple[Task, ...] = tuple(BUILTIN.values())
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """How the baseline poses one task to ``AutoModelForSequenceClassification``."""
-
-    name: str  # the multitask trainer's task name: sst, para or sts
-    num_labels: int  # 1 means regression
-
-
-TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("sst", 5),
-    TaskSpec("para", 2),
-    TaskSpec("sts", 1),
-)
+def hf_num_labels(task: Task) -> int:
+    """``num_labels`` of the task's ``AutoModelForSequenceClassification``: a class count for a
+    classification (2 for a binary one: run_glue's softmax over two logits), 1 for a regression."""
+    return task.num_labels if task.kind == "classification" else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +88,7 @@ def _batches(tokenizer, feats, labels, batch_size: int, order: list[int], regres
         yield batch
 
 
-def fine_tune(spec: TaskSpec, backbone: Path, train: RawSplit, dev: RawSplit, args) -> dict:
+def fine_tune(spec: Task, backbone: Path, train: RawSplit, dev: RawSplit, args) -> dict:
     """Fine-tunes one task and scores its dev split after each epoch.
 
     Returns:
@@ -112,10 +103,10 @@ def fine_tune(spec: TaskSpec, backbone: Path, train: RawSplit, dev: RawSplit, ar
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    regression = spec.num_labels == 1
+    regression = spec.kind == "regression"
     model = AutoModelForSequenceClassification.from_pretrained(
         backbone,
-        num_labels=spec.num_labels,
+        num_labels=hf_num_labels(spec),
         problem_type="regression" if regression else "single_label_classification",
     )
     train_feats = _features(tokenizer, train, args.max_length)
@@ -151,9 +142,9 @@ def fine_tune(spec: TaskSpec, backbone: Path, train: RawSplit, dev: RawSplit, ar
                 outputs.append(model(**batch).logits)
         logits = torch.cat(outputs)
         preds = logits.squeeze(-1).numpy() if regression else logits.argmax(-1).numpy()
-        per_epoch.append(task_metric(spec.name, preds, np.asarray(dev.labels)))
+        per_epoch.append(spec.score(preds, np.asarray(dev.labels)))
     return {
-        "metric": TASK_METRICS[spec.name],
+        "metric": spec.metric_name,
         "score": per_epoch[-1],
         "epochs": per_epoch,
         "train_examples": len(train),
@@ -172,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = resolve_data_dir(args.data_dir)
         splits = {
             t: (
-                subsample(read_split(data_dir, t, "train"), args.max_train_examples, args.seed),
-                subsample(read_split(data_dir, t, "dev"), args.max_eval_examples, 0),
+                subsample(
+                    read_split(data_dir, BUILTIN[t], "train"), args.max_train_examples, args.seed
+                ),
+                subsample(read_split(data_dir, BUILTIN[t], "dev"), args.max_eval_examples, 0),
             )
             for t in args.tasks
         }

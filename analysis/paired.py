@@ -1,7 +1,7 @@
 """Paired comparisons of two configurations on the same dev examples.
 
 Every run keeps its dev predictions and gold labels at its best evaluation
-(``dev_predictions.csv``, written by :func:`mtl.train.write_dev_predictions`). Two sides A (the
+(``dev_predictions.csv``, written by :func:`mtl.evaluation.write_dev_predictions`). Two sides A (the
 base) and B (the base plus one choice) are compared by the difference ``B - A`` of each dev metric
 (SST accuracy, paraphrase accuracy, STS Pearson) and of the overall score, computed on the
 examples both sides predicted:
@@ -11,7 +11,7 @@ examples both sides predicted:
   (BCa is undefined for the degenerate distribution of identical predictions). Each resample draws
   every task's examples with replacement, independently per task, and scores *both* sides on the
   same drawn examples; STS Pearson is recomputed on each resample, and the overall score is the
-  CS224N formula (:func:`mtl.heads.overall_score`) of the resampled task metrics.
+  CS224N formula (:func:`mtl.tasks.overall_score`) of the resampled task metrics.
 * **p-value**: a two-sided paired permutation test (approximate randomization: Noreen 1989;
   Dror et al. 2018), by :func:`scipy.stats.permutation_test` with ``permutation_type='samples'``:
   under the null hypothesis the two sides are exchangeable on each example, so each permutation
@@ -30,7 +30,7 @@ about this dev set, not a prediction for new data).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +39,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.common import COLUMN_NAMES, METRICS, AnalysisError, Experiment, save_figure
-from mtl.heads import METRIC_NAMES
-from mtl.train import DEV_PREDICTIONS_FILE
+from analysis.common import COLUMN_NAMES, AnalysisError, Experiment, save_figure
+from mtl.evaluation import DEV_PREDICTIONS_FILE
+from mtl.tasks import BUILTIN, OVERALL, Task, metric_names
 
-TASKS: tuple[str, ...] = tuple(METRIC_NAMES)  # sst, para, sts
 CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 9999
 BATCH = 250  # bootstrap resamples scored at once (memory: batch x examples counts)
@@ -59,8 +58,10 @@ MIN_SHARED = 10  # fewer dev examples in common (per task and seed pair): not co
 # Reading the runs' predictions
 
 
-def read_dev_predictions(path: Path) -> pd.DataFrame:
+def read_dev_predictions(path: Path, tasks: Mapping[str, Task] = BUILTIN) -> pd.DataFrame:
     """A ``dev_predictions.csv``: columns task, id, prediction, gold (one row per dev example).
+
+    ``tasks``: the tasks the run may have predicted (:attr:`Experiment.tasks`).
 
     Raises:
         AnalysisError: the file is unreadable or lacks a column (one line naming the file).
@@ -72,7 +73,7 @@ def read_dev_predictions(path: Path) -> pd.DataFrame:
     missing = sorted({"task", "id", "prediction", "gold"} - set(frame.columns))
     if missing:
         raise AnalysisError(f"{path}: missing columns {', '.join(missing)}")
-    unknown = sorted(set(frame["task"]) - set(TASKS))
+    unknown = sorted(set(frame["task"]) - set(tasks))
     if unknown:
         raise AnalysisError(f"{path}: unknown task {unknown[0]!r}")
     return frame
@@ -100,14 +101,14 @@ class TaskPairs:
     """One task's predictions of both sides, aligned by example id.
 
     Attributes:
-        task: sst, para or sts.
+        task: The task.
         gold: (n,) gold labels of the union of examples any run predicted.
         a: (pairs, n) side A's predictions, one row per seed pair (0 where not predicted).
         b: (pairs, n) side B's predictions.
         both: (pairs, n) whether both runs of the pair predicted the example.
     """
 
-    task: str
+    task: Task
     gold: np.ndarray
     a: np.ndarray
     b: np.ndarray
@@ -118,25 +119,30 @@ class TaskPairs:
         return len(self.gold)
 
 
-def align(pairs: Sequence[tuple[pd.DataFrame, pd.DataFrame]], source: str) -> list[TaskPairs]:
+def align(
+    pairs: Sequence[tuple[pd.DataFrame, pd.DataFrame]],
+    source: str,
+    tasks: Mapping[str, Task] = BUILTIN,
+) -> list[TaskPairs]:
     """The tasks every run predicted, each as :class:`TaskPairs` over the union of example ids.
 
     Args:
         pairs: (side A, side B) prediction frames (:func:`read_dev_predictions`), one per seed.
         source: what the frames are, for the error message.
+        tasks: the tasks the runs may have predicted, in the order to compare them.
 
     Raises:
         AnalysisError: one example with two different gold labels.
     """
     frames = [f for pair in pairs for f in pair]
-    tasks = [t for t in TASKS if all((f["task"] == t).any() for f in frames)]
+    present = [t for t in tasks.values() if all((f["task"] == t.name).any() for f in frames)]
     out = []
-    for task in tasks:
-        rows = [f[f["task"] == task] for f in frames]
+    for task in present:
+        rows = [f[f["task"] == task.name] for f in frames]
         gold = pd.concat([r[["id", "gold"]] for r in rows]).drop_duplicates()
         if gold["id"].duplicated().any():
             bad = gold.loc[gold["id"].duplicated(), "id"].iloc[0]
-            raise AnalysisError(f"{source}: {task} example {bad} has two gold labels")
+            raise AnalysisError(f"{source}: {task.name} example {bad} has two gold labels")
         index = pd.Index(gold["id"])
 
         def spread(r: pd.DataFrame, index: pd.Index = index) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +175,7 @@ def align(pairs: Sequence[tuple[pd.DataFrame, pd.DataFrame]], source: str) -> li
 
 
 def features(
-    task: str, pred: np.ndarray, gold: np.ndarray, weight: np.ndarray, center: np.ndarray
+    task: Task, pred: np.ndarray, gold: np.ndarray, weight: np.ndarray, center: np.ndarray
 ) -> np.ndarray:
     """(pairs, n, F) per-example terms whose sums give the task's metric (:func:`from_sums`).
 
@@ -178,7 +184,7 @@ def features(
             counts; center: (pairs, 1) subtracted from STS predictions (the same for both sides,
             so that swapping predictions swaps their terms) for better-conditioned sums.
     """
-    if task != "sts":
+    if task.metric == "accuracy":
         return np.stack([weight, weight * (pred == gold)], axis=-1)
     x = pred - center
     y = np.broadcast_to(gold - gold.mean(), x.shape)
@@ -186,13 +192,13 @@ def features(
     return np.stack(terms, axis=-1)
 
 
-def from_sums(task: str, sums: np.ndarray) -> np.ndarray:
+def from_sums(task: Task, sums: np.ndarray) -> np.ndarray:
     """The metric from (..., F) sums of :func:`features`: accuracy, or Pearson's r (0 where
     either side is constant: the overall score counts an undefined correlation as 0, as
-    :func:`mtl.heads.overall_score` does)."""
+    :func:`mtl.tasks.overall_score` does)."""
     n = sums[..., 0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        if task != "sts":
+        if task.metric == "accuracy":
             return sums[..., 1] / n
         mx, my = sums[..., 1] / n, sums[..., 4] / n
         sxx, syy = sums[..., 2] / n, sums[..., 5] / n
@@ -207,12 +213,14 @@ def _difference(tasks: list[TaskPairs], metric: str, sums: Callable[[int], tuple
     B's) sums, each (pairs, ..., F), as one resample or permutation sees them."""
     parts = []
     for i, tp in enumerate(tasks):
-        if metric not in ("overall", METRIC_NAMES[tp.task]):
+        if metric not in (OVERALL, tp.task.metric_name):
             continue
         sa, sb = sums(i)
         diff = from_sums(tp.task, sb) - from_sums(tp.task, sa)  # (pairs, ...)
-        if metric == "overall" and tp.task == "sts":
-            diff = diff / 2.0  # the overall score counts (Pearson + 1) / 2
+        if metric == OVERALL:
+            # The overall score counts each metric on a 0..1 scale, an affine map (Pearson:
+            # (r + 1) / 2): a difference scales by its slope.
+            diff = diff * (tp.task.unit_score(1.0) - tp.task.unit_score(0.0))
         parts.append(diff.mean(0))  # over seed pairs
     return parts[0] if metric != "overall" else sum(parts) / len(parts)
 
@@ -247,6 +255,7 @@ def compare(
     source: str,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    tasks: Mapping[str, Task] = BUILTIN,
 ) -> tuple[list[Comparison], dict[str, int]]:
     """Paired bootstrap interval and permutation p-value of ``B - A`` for each metric.
 
@@ -256,16 +265,18 @@ def compare(
         resamples: bootstrap resamples and permutations (scipy's default 9999).
         seed: seeds both tests (``numpy.random.default_rng(seed)``); every metric is computed
             from the same resampled examples and the same permutations.
+        tasks: the tasks the runs may have predicted (:attr:`Experiment.tasks`).
 
     Returns:
-        One :class:`Comparison` per metric of ``METRICS`` present (per task, then overall), and
+        One :class:`Comparison` per metric present (per task, then overall), and
         the number of examples per task both sides predicted (the union over seed pairs).
 
     Raises:
         NotComparable: a task where a seed pair shares fewer than ``MIN_SHARED`` examples.
         AnalysisError: no task in common, or an example with two gold labels.
     """
-    tasks = align(pairs, source)
+    known = tasks
+    tasks = align(pairs, source, known)
     if not tasks:
         raise AnalysisError(f"{source}: no task that every run predicted")
     shared = min(int(tp.both.sum(1).min()) for tp in tasks)
@@ -306,7 +317,7 @@ def compare(
         extra = (slice(None),) + (None,) * (swap.ndim - 1)
         return base_a[extra] + delta, base_b[extra] - delta
 
-    metrics = [m for m in METRICS if m == "overall" or _has(tasks, m)]
+    metrics = [m for m in metric_names(known.values()) if m == OVERALL or _has(tasks, m)]
 
     def differences(sums: Callable[[int], tuple], axis: int) -> np.ndarray:
         return np.stack([_difference(tasks, m, sums) for m in metrics], axis=axis)
@@ -351,11 +362,11 @@ def compare(
         Comparison(m, float(observed[k]), float(low[k]), float(high[k]), float(pvalue[k]))
         for k, m in enumerate(metrics)
     ]
-    return out, {tp.task: int(tp.both.any(0).sum()) for tp in tasks}
+    return out, {tp.task.name: int(tp.both.any(0).sum()) for tp in tasks}
 
 
 def _has(tasks: list[TaskPairs], metric: str) -> bool:
-    return any(METRIC_NAMES[tp.task] == metric for tp in tasks)
+    return any(tp.task.metric_name == metric for tp in tasks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,13 +387,16 @@ def cell(row: dict, metric: str) -> str:
     return f"{fmt_diff(diff)}{mark} [{fmt_diff(low)}, {fmt_diff(high)}] p={p:.3g}"
 
 
-def forest_plot(frame: pd.DataFrame, title: str, png: Path) -> Path:
+def forest_plot(
+    frame: pd.DataFrame, title: str, png: Path, columns: Mapping[str, str] = COLUMN_NAMES
+) -> Path:
     """Each comparison's difference with its 95% interval, one panel per task and overall.
 
     ``frame``: one row per comparison with ``comparison`` and ``<metric>_diff/_low/_high/
-    _significant`` columns. Written with its data beside it (same name, .csv).
+    _significant`` columns; ``columns``: metric -> its name (:attr:`Experiment.column_names`).
+    Written with its data beside it (same name, .csv).
     """
-    metrics = [m for m in METRICS if f"{m}_diff" in frame and frame[f"{m}_diff"].notna().any()]
+    metrics = [m for m in columns if f"{m}_diff" in frame and frame[f"{m}_diff"].notna().any()]
     shown = frame[frame["overall_diff"].notna()] if "overall_diff" in frame else frame
     fig, axes = plt.subplots(
         1,
@@ -403,7 +417,7 @@ def forest_plot(frame: pd.DataFrame, title: str, png: Path) -> Path:
         ax.scatter(diff[sig], y[sig], color="C3", zorder=3, label="interval excludes 0")
         ax.scatter(diff[~sig], y[~sig], facecolor="white", edgecolor="C0", zorder=3)
         ax.axvline(0, color="k", lw=0.8, ls="--")
-        ax.set_title(COLUMN_NAMES[m], fontsize=9)
+        ax.set_title(columns[m], fontsize=9)
         ax.set_xlabel("difference (95% CI)", fontsize=8)
         for c, d, lo, hi, s in zip(shown["comparison"], diff, low, high, sig, strict=True):
             data.append(

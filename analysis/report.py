@@ -7,7 +7,8 @@ against the next ones) and the importance plots
 (:mod:`analysis.importance`), includes the ensemble's Table 6 when ``python -m analysis.ensemble``
 has run (it is not run here: it loads models), and draws from the dev predictions (the ensemble's,
 else the best trial's own ``predictions/``) the paper's Figure 4 (SST labels predicted against
-gold), the SST and paraphrase confusion matrices and the STS scatter of predictions against gold.
+gold), the SST and paraphrase confusion matrices and the STS scatter of predictions against gold
+(for a task declared in the config: its confusion matrix, or its scatter for a regression).
 Ends with the design space and the commands that reproduce the experiment and this page.
 
 Written: ``EXP/analysis/report.md``, and ``EXP/analysis/predictions/*.png`` with their data as CSV.
@@ -21,6 +22,7 @@ import math
 import re
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -31,8 +33,6 @@ from analysis import importance as importance_lib
 from analysis import paired
 from analysis import tables as tables_lib
 from analysis.common import (
-    COLUMN_NAMES,
-    METRICS,
     AnalysisError,
     Experiment,
     fmt,
@@ -45,9 +45,7 @@ from analysis.common import (
     save_figure,
 )
 from mtl import data as data_lib
-
-SST_LABELS = ["0 negative", "1 somewhat negative", "2 neutral", "3 somewhat positive", "4 positive"]
-
+from mtl.tasks import Task
 
 # ---------------------------------------------------------------------------------------------
 # Predictions against gold
@@ -73,9 +71,9 @@ def prediction_source(exp: Experiment, folder: Path) -> tuple[Path | None, str]:
     )
 
 
-def joined(pred_dir: Path, data_dir: Path, task: str) -> pd.DataFrame | None:
+def joined(pred_dir: Path, data_dir: Path, task: Task) -> pd.DataFrame | None:
     """id, gold, prediction of one task's dev predictions."""
-    path = pred_dir / f"{task}-dev-output.csv"
+    path = pred_dir / f"{task.name}-dev-output.csv"
     if not path.is_file():
         return None
     preds = read_predictions(path)
@@ -90,25 +88,32 @@ def joined(pred_dir: Path, data_dir: Path, task: str) -> pd.DataFrame | None:
     return frame[["id", "gold", "prediction"]]
 
 
-def plot_label_distribution(sst: pd.DataFrame, folder: Path) -> Path:
-    """The paper's Figure 4: how often each SST label is predicted and is gold."""
-    labels = list(range(5))
+def class_names(task: Task) -> list[str]:
+    """The names of a classification's classes (its label numbers when it names none)."""
+    assert task.num_labels is not None
+    return list(task.label_names or [str(k) for k in range(task.num_labels)])
+
+
+def plot_label_distribution(frame: pd.DataFrame, task: Task, folder: Path) -> Path:
+    """The paper's Figure 4 (for SST): how often each label is predicted and is gold."""
+    assert task.num_labels is not None
+    labels = list(range(task.num_labels))
     data = pd.DataFrame(
         {
             "label": labels,
-            "predicted": [int((sst["prediction"] == k).sum()) for k in labels],
-            "gold": [int((sst["gold"] == k).sum()) for k in labels],
+            "predicted": [int((frame["prediction"] == k).sum()) for k in labels],
+            "gold": [int((frame["gold"] == k).sum()) for k in labels],
         }
     )
     fig, ax = plt.subplots(figsize=(7, 4))
-    x = np.arange(5)
+    x = np.arange(len(labels))
     ax.bar(x - 0.2, data["predicted"], 0.4, label="prediction")
     ax.bar(x + 0.2, data["gold"], 0.4, label="ground truth")
-    ax.set_xticks(x, SST_LABELS, rotation=15, fontsize=8)
+    ax.set_xticks(x, class_names(task), rotation=15, fontsize=8)
     ax.set_ylabel("dev examples")
-    ax.set_title("Distribution of SST labels (prediction vs. ground truth)")
+    ax.set_title(f"Distribution of {task.title} labels (prediction vs. ground truth)")
     ax.legend()
-    return save_figure(fig, data, folder / "sst_label_distribution.png")
+    return save_figure(fig, data, folder / f"{task.name}_label_distribution.png")
 
 
 def plot_confusion(
@@ -138,50 +143,49 @@ def plot_confusion(
     return save_figure(fig, data, png)
 
 
-def plot_sts(sts: pd.DataFrame, folder: Path) -> Path:
-    data = sts.copy()
+def plot_scores(frame: pd.DataFrame, task: Task, folder: Path) -> Path:
+    """A regression's dev predictions against gold (STS: similarity scores)."""
+    assert task.score_range is not None
+    data = frame.copy()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(data["gold"], data["prediction"], s=6, alpha=0.5)
-    ax.plot([0, 5], [0, 5], color="k", lw=0.8, ls="--")
+    ax.plot(task.score_range, task.score_range, color="k", lw=0.8, ls="--")
     corr = (
         np.corrcoef(data["gold"], data["prediction"])[0, 1]
         if data["prediction"].std() > 0
         else math.nan
     )
-    ax.set_xlabel("gold similarity")
-    ax.set_ylabel("predicted similarity")
-    ax.set_title(f"STS dev: prediction vs. gold (Pearson {corr:.3f})")
-    return save_figure(fig, data, folder / "sts_scatter.png")
+    ax.set_xlabel(f"gold {task.label_column}")
+    ax.set_ylabel(f"predicted {task.label_column}")
+    ax.set_title(f"{task.title} dev: prediction vs. gold (Pearson {corr:.3f})")
+    return save_figure(fig, data, folder / f"{task.name}_scatter.png")
 
 
-def prediction_plots(pred_dir: Path, data_dir: Path, folder: Path) -> list[Path]:
+def prediction_plots(
+    pred_dir: Path, data_dir: Path, folder: Path, tasks: Iterable[Task]
+) -> list[Path]:
+    """Per task with dev predictions: a classification's confusion matrix (and, with more than
+    two classes, its label distribution), a regression's scatter plot."""
     out = []
-    sst = joined(pred_dir, data_dir, "sst")
-    if sst is not None:
-        out.append(plot_label_distribution(sst, folder))
+    for task in tasks:
+        frame = joined(pred_dir, data_dir, task)
+        if frame is None:
+            continue
+        if task.kind == "regression":
+            out.append(plot_scores(frame, task, folder))
+            continue
+        assert task.num_labels is not None
+        if not task.binary:
+            out.append(plot_label_distribution(frame, task, folder))
         out.append(
             plot_confusion(
-                sst,
-                list(range(5)),
-                SST_LABELS,
-                "SST dev confusion matrix",
-                folder / "sst_confusion.png",
+                frame,
+                list(range(task.num_labels)),
+                class_names(task),
+                f"{task.title} dev confusion matrix",
+                folder / f"{task.name}_confusion.png",
             )
         )
-    para = joined(pred_dir, data_dir, "para")
-    if para is not None:
-        out.append(
-            plot_confusion(
-                para,
-                [0, 1],
-                ["not paraphrase", "paraphrase"],
-                "Quora dev confusion matrix",
-                folder / "para_confusion.png",
-            )
-        )
-    sts = joined(pred_dir, data_dir, "sts")
-    if sts is not None:
-        out.append(plot_sts(sts, folder))
     return out
 
 
@@ -221,7 +225,7 @@ def _top_trials(exp: Experiment, k: int = 5) -> str:
                 "Trial": r["trial_id"],
                 "Status": r["status"]
                 + (f" ({r['reason']})" if isinstance(r.get("reason"), str) else ""),
-                **{COLUMN_NAMES[m]: fmt(r[f"best.{m}"]) for m in METRICS},
+                **{title: fmt(r[f"best.{m}"]) for m, title in exp.column_names.items()},
                 "Evaluations": f"{int(r['evaluations'])} of {exp.max_t}",
                 "Parameters": params,
             }
@@ -276,7 +280,9 @@ def run(
         if resolved is None:
             pred_note += "; no data folder with the gold labels (pass --data-dir)"
         else:
-            pred_files = prediction_plots(pred_dir, resolved, out_dir(exp, out, "predictions"))
+            pred_files = prediction_plots(
+                pred_dir, resolved, out_dir(exp, out, "predictions"), exp.tasks.values()
+            )
 
     counts = exp.status_counts()
     lines = [

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from analysis import paired
 from analysis.common import (
@@ -98,7 +99,7 @@ def label(conf: dict[str, Any], backbone: bool = False) -> str:
 class PaperRow:
     label: str
     match: dict[str, Any]  # configuration keys this row fixes (on top of the table's)
-    paper: tuple[float, float, float, float]  # SST, paraphrase, STS, overall as published
+    paper: tuple[float, ...]  # SST, paraphrase, STS, overall as published (METRICS order)
 
 
 @dataclass(frozen=True)
@@ -110,120 +111,31 @@ class PaperTable:
     rows: tuple[PaperRow, ...]
 
 
-_BASE = {"smart": False, "pal": "none", "contrastive": False}
-_RR, _SEQ = {"routine": "round_robin"}, {"routine": "sequential"}
+# The paper's published numbers: data, not code.
+PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
 
 
-def _modes_table(design: int, paper: list[tuple[float, float, float, float]]) -> PaperTable:
-    rows = [
-        ("Pretrain w/ RR", {"mode": "pretrain", **_RR}),
-        ("Finetune w/ RR", {"mode": "finetune", **_RR}),
-        ("Pretrain w/o RR", {"mode": "pretrain", **_SEQ}),
-        ("Finetune w/o RR", {"mode": "finetune", **_SEQ}),
-    ]
-    return PaperTable(
-        key=f"table_{design}",
-        title=f"Table {design}: Performance on Dev Datasets Using Design {design} (RR = Round Robin)",
-        where={"design": design, **_BASE},
-        needs={"design": design},
-        rows=tuple(PaperRow(lab, m, p) for (lab, m), p in zip(rows, paper, strict=True)),
+def _paper_numbers(row: dict[str, Any]) -> tuple[float, ...]:
+    return tuple(float(row[m]) for m in METRICS)
+
+
+def load_paper(path: Path = PAPER_FILE) -> tuple[tuple[PaperTable, ...], dict[str, tuple]]:
+    """The paper's Tables 1 to 5 and its ensemble's Table 6 (split -> numbers) from ``path``."""
+    raw = yaml.safe_load(path.read_text())
+    tables = tuple(
+        PaperTable(
+            key=t["key"],
+            title=t["title"],
+            where=t["where"],
+            needs=t["needs"],
+            rows=tuple(PaperRow(r["label"], r["match"], _paper_numbers(r)) for r in t["rows"]),
+        )
+        for t in raw["tables"]
     )
+    return tables, {split: _paper_numbers(row) for split, row in raw["ensemble"].items()}
 
 
-def _designs_table(
-    number: int, title: str, where: dict, needs: dict, labels: list[str], keys: list[dict], paper
-) -> PaperTable:
-    return PaperTable(
-        key=f"table_{number}",
-        title=f"Table {number}: {title}",
-        where=where,
-        needs=needs,
-        rows=tuple(PaperRow(*r) for r in zip(labels, keys, paper, strict=True)),
-    )
-
-
-_DESIGN_ROUTINE = [
-    {"design": 1, **_SEQ},
-    {"design": 1, **_RR},
-    {"design": 2, **_SEQ},
-    {"design": 2, **_RR},
-]
-
-PAPER_TABLES: tuple[PaperTable, ...] = (
-    _modes_table(
-        1,
-        [
-            (0.391, 0.695, 0.317, 0.582),
-            (0.495, 0.859, 0.733, 0.740),
-            (0.391, 0.700, 0.321, 0.584),
-            (0.474, 0.868, 0.741, 0.738),
-        ],
-    ),
-    _modes_table(
-        2,
-        [
-            (0.391, 0.704, 0.473, 0.611),
-            (0.511, 0.887, 0.841, 0.773),
-            (0.389, 0.681, 0.449, 0.598),
-            (0.499, 0.884, 0.881, 0.774),
-        ],
-    ),
-    _designs_table(
-        3,
-        "Performance Across Configurations (Classifier Designs and SMART)",
-        {"mode": "finetune", **_RR, "pal": "none", "contrastive": False},
-        {"smart": True},
-        ["design 1 w/o SMART", "design 1 w/ SMART", "design 2 w/o SMART", "design 2 w/ SMART"],
-        [
-            {"design": 1, "smart": False},
-            {"design": 1, "smart": True},
-            {"design": 2, "smart": False},
-            {"design": 2, "smart": True},
-        ],
-        [
-            (0.495, 0.859, 0.733, 0.740),
-            (0.474, 0.836, 0.487, 0.685),
-            (0.511, 0.887, 0.841, 0.773),
-            (0.507, 0.885, 0.816, 0.766),
-        ],
-    ),
-    _designs_table(
-        4,
-        "Performance Across Configurations (Classifier Designs and PAL)",
-        {"mode": "finetune", "smart": False, "pal": "paper", "contrastive": False},
-        {"pal": "paper"},
-        ["design 1 + PAL", "design 1 + RR + PAL", "design 2 + PAL", "design 2 + RR + PAL"],
-        _DESIGN_ROUTINE,
-        [
-            (0.443, 0.861, 0.774, 0.730),
-            (0.466, 0.864, 0.753, 0.735),
-            (0.470, 0.867, 0.869, 0.757),
-            (0.500, 0.881, 0.849, 0.768),
-        ],
-    ),
-    _designs_table(
-        5,
-        "Performance Across Configurations (Classifier Designs and SimCSE)",
-        {"mode": "finetune", "smart": False, "pal": "none", "contrastive": "margin"},
-        {"contrastive": "margin"},
-        [
-            "design 1 + SimCSE",
-            "design 1 + RR + SimCSE",
-            "design 2 + SimCSE",
-            "design 2 + RR + SimCSE",
-        ],
-        _DESIGN_ROUTINE,
-        [
-            (0.464, 0.857, 0.739, 0.730),
-            (0.483, 0.861, 0.753, 0.740),
-            (0.448, 0.881, 0.874, 0.755),
-            (0.511, 0.880, 0.850, 0.772),
-        ],
-    ),
-)
-
-# Table 6: the paper's final ensemble (written by analysis.ensemble).
-PAPER_TABLE_6 = {"dev": (0.511, 0.887, 0.881, 0.780), "test": (0.520, 0.887, 0.880, 0.783)}
+PAPER_TABLES, PAPER_TABLE_6 = load_paper()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +175,7 @@ def seed_runs(exp: Experiment, trial_id: str) -> pd.DataFrame | None:
         runs = exp.repeats[
             (exp.repeats["config"] == config) & (exp.repeats["status"] == "completed")
         ]
-        return runs[["trial_id", "seed", *METRICS]]
+        return runs[["trial_id", "seed", *exp.metrics]]
     seeds = [n for n in exp.param_names if _path(exp, n) == "seed"]
     if not seeds:
         return None
@@ -278,7 +190,7 @@ def seed_runs(exp: Experiment, trial_id: str) -> pd.DataFrame | None:
     runs = exp.results[exp.results["trial_id"].isin(same)]
     return pd.DataFrame(
         {"trial_id": runs["trial_id"], "seed": runs[f"param.{seeds[0]}"]}
-        | {m: runs[f"best.{m}"] for m in METRICS}
+        | {m: runs[f"best.{m}"] for m in exp.metrics}
     )
 
 
@@ -296,6 +208,7 @@ def summarize(
 ) -> pd.DataFrame:
     """One row per ``(label, mask over trials)``: counts, the best trial and its metrics, and the
     mean and standard deviation over its seed runs (with ``exp``)."""
+    metrics = exp.metrics if exp is not None else METRICS
     out = []
     for name, mask in groups:
         group = trials[mask]
@@ -312,11 +225,11 @@ def summarize(
             best_status=best["status"] if best is not None else "",
             best_evaluations=int(best["evaluations"]) if best is not None else 0,
         )
-        for m in METRICS:
+        for m in metrics:
             row[m] = float(best[f"best.{m}"]) if best is not None else math.nan
         runs = seed_runs(exp, best["trial_id"]) if exp is not None and best is not None else None
         row["seeds"] = len(runs) if runs is not None else 0
-        for m in METRICS:
+        for m in metrics:
             ok = runs is not None and len(runs) > 1
             row[f"{m}_mean"] = float(runs[m].mean()) if ok else math.nan
             row[f"{m}_std"] = float(runs[m].std()) if ok else math.nan
@@ -333,8 +246,11 @@ def _best(group: pd.DataFrame, metric: str) -> pd.Series | None:
     return None
 
 
-def display(summary: pd.DataFrame, max_t: int) -> tuple[pd.DataFrame, list[str]]:
-    """The table as the paper prints it (strings), and its footnotes."""
+def display(
+    summary: pd.DataFrame, max_t: int, columns: dict[str, str] = COLUMN_NAMES
+) -> tuple[pd.DataFrame, list[str]]:
+    """The table as the paper prints it (strings), and its footnotes; ``columns``: metric ->
+    column name (:attr:`Experiment.column_names`)."""
     marks: set[str] = set()
     rows = []
     for r in summary.to_dict("records"):
@@ -342,11 +258,11 @@ def display(summary: pd.DataFrame, max_t: int) -> tuple[pd.DataFrame, list[str]]
         if mark:
             marks.add(r["best_status"])
         cells = {"Configuration": r["configuration"]}
-        for m in METRICS:
+        for m, column in columns.items():
             text = fmt(r[m]) + (mark if not math.isnan(r[m]) else "")
             if r["seeds"] > 1:
                 text += f" ({fmt(r[m + '_mean'])} ± {fmt(r[m + '_std'])})"
-            cells[COLUMN_NAMES[m]] = text
+            cells[column] = text
         others = [f"{r[s]} {s}" for s in ("stopped", "error", "unfinished") if r[s]]
         cells["Trials"] = f"{r['trials']}" + (f" ({', '.join(others)})" if others else "")
         cells["Seeds"] = str(r["seeds"]) if r["seeds"] > 1 else "—"
@@ -427,7 +343,7 @@ def compare_runs(
         files = [paired.prediction_file(exp, t) for t in (ta, tb)]
         missing += [t for t, f in zip((ta, tb), files, strict=True) if f is None]
         if None not in files:
-            frames.append(tuple(paired.read_dev_predictions(f) for f in files))
+            frames.append(tuple(paired.read_dev_predictions(f, exp.tasks) for f in files))
     if missing:
         record["note"] = (
             f"no {paired.DEV_PREDICTIONS_FILE} for {', '.join(sorted(set(missing)))} "
@@ -435,7 +351,9 @@ def compare_runs(
         )
         return record
     try:
-        results, examples = paired.compare(frames, source, resamples=resamples, seed=seed)
+        results, examples = paired.compare(
+            frames, source, resamples=resamples, seed=seed, tasks=exp.tasks
+        )
     except paired.NotComparable as err:
         record["note"] = str(err)
         return record
@@ -540,13 +458,15 @@ def top_trial_comparisons(
     return pd.DataFrame(out)
 
 
-def display_comparisons(frame: pd.DataFrame, paper: bool) -> tuple[pd.DataFrame, list[str]]:
+def display_comparisons(
+    frame: pd.DataFrame, paper: bool, columns: dict[str, str] = COLUMN_NAMES
+) -> tuple[pd.DataFrame, list[str]]:
     """The comparisons as printed (strings), and their footnotes."""
     rows = []
     for r in frame.to_dict("records"):
         cells = {"Comparison": r["comparison"], "Seeds": str(r["seeds"])}
-        for m in METRICS:
-            cells[COLUMN_NAMES[m]] = paired.cell(r, m) if not r.get("note") else "—"
+        for m, column in columns.items():
+            cells[column] = paired.cell(r, m) if not r.get("note") else "—"
         if paper:
             cells["Paper, overall (single runs)"] = paired.fmt_diff(r["paper_overall_diff"])
         rows.append(cells)
@@ -571,13 +491,18 @@ def display_comparisons(frame: pd.DataFrame, paper: bool) -> tuple[pd.DataFrame,
 
 
 def write_comparisons(
-    folder: Path, key: str, title: str, frame: pd.DataFrame, paper: bool = False
+    folder: Path,
+    key: str,
+    title: str,
+    frame: pd.DataFrame,
+    paper: bool = False,
+    columns: dict[str, str] = COLUMN_NAMES,
 ) -> tuple[list[Path], str]:
     """``key``_comparisons.csv/.tex and ``key``_forest.png/.csv; returns the files and the
     Markdown section (for ``key``.md)."""
     if frame.empty:
         return [], ""
-    shown, notes = display_comparisons(frame, paper)
+    shown, notes = display_comparisons(frame, paper, columns)
     md = f"\n#### Paired comparisons: {title}\n\n{markdown_table(shown)}\n"
     md += "\n".join(f"{n}\n" for n in notes)
     paths = [folder / f"{key}_comparisons.csv", folder / f"{key}_comparisons.tex"]
@@ -587,7 +512,7 @@ def write_comparisons(
     if "overall_diff" in frame and frame["overall_diff"].notna().any():
         png = folder / f"{key}_forest.png"
         paths += [
-            paired.forest_plot(frame, f"{title}: differences with 95% intervals", png),
+            paired.forest_plot(frame, f"{title}: differences with 95% intervals", png, columns),
             png.with_suffix(".csv"),
         ]
         md += f"\n![{key} forest plot]({png.name})\n"
@@ -633,10 +558,16 @@ def configurations_summary(trials: pd.DataFrame, metric: str, exp: Experiment | 
 
 
 def write_table(
-    folder: Path, key: str, title: str, summary: pd.DataFrame, max_t: int, extra_md: str = ""
+    folder: Path,
+    key: str,
+    title: str,
+    summary: pd.DataFrame,
+    max_t: int,
+    extra_md: str = "",
+    columns: dict[str, str] = COLUMN_NAMES,
 ) -> list[Path]:
     """``key``.md, .tex and .csv of one table."""
-    shown, notes = display(summary, max_t)
+    shown, notes = display(summary, max_t, columns)
     md = f"### {title}\n\n{markdown_table(shown)}\n" + "\n".join(f"{n}\n" for n in notes)
     paths = [folder / f"{key}.md", folder / f"{key}.tex", folder / f"{key}.csv"]
     paths[0].write_text(md + extra_md)
@@ -677,17 +608,28 @@ def run(
     for table, summary in paper_tables(trials, metric, exp):
         keys = [{**table.where, **r.match} for r in table.rows]
         frame = comparisons(exp, summary, keys, resamples, seed, tuple(r.paper for r in table.rows))
-        files, md = write_comparisons(folder, table.key, table.title, frame, paper=True)
+        files, md = write_comparisons(
+            folder, table.key, table.title, frame, paper=True, columns=exp.column_names
+        )
         written += write_table(
-            folder, table.key, table.title, summary, exp.max_t, paper_block(table) + md
+            folder,
+            table.key,
+            table.title,
+            summary,
+            exp.max_t,
+            paper_block(table) + md,
+            exp.column_names,
         )
         written += files
     summary = configurations_summary(trials, metric, exp)
     keys = summary[list(KEYS)].to_dict("records")
     frame = comparisons(exp, summary, keys, resamples, seed)
     title = f"Every configuration of {exp.name} (best by dev {metric})"
-    files, md = write_comparisons(folder, "configurations", title, frame)
-    written += write_table(folder, "configurations", title, summary, exp.max_t, md) + files
+    files, md = write_comparisons(folder, "configurations", title, frame, columns=exp.column_names)
+    written += (
+        write_table(folder, "configurations", title, summary, exp.max_t, md, exp.column_names)
+        + files
+    )
     written += write_top_trials(exp, folder, metric, resamples, seed)
     return written
 
@@ -701,7 +643,7 @@ def write_top_trials(
     if frame.empty:
         return []
     title = f"The best trial of {exp.name} against the next ones (dev {metric})"
-    files, md = write_comparisons(folder, "top_trials", title, frame)
+    files, md = write_comparisons(folder, "top_trials", title, frame, columns=exp.column_names)
     verdicts = []
     for r in frame.to_dict("records"):
         if r.get("note"):
@@ -733,9 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("exp", help="experiment folder written by python -m mtl.search")
     parser.add_argument("--out", help="output folder (default EXP/analysis)")
     parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
-    parser.add_argument(
-        "--metric", choices=METRICS, help="rank by this dev metric (default: the objective)"
-    )
+    parser.add_argument("--metric", help="rank by this dev metric (default: the objective)")
     parser.add_argument(
         "--resamples",
         type=int,
@@ -747,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resamples < 100:
         raise AnalysisError(f"--resamples {args.resamples}: give at least 100")
     exp = load_experiment(args.exp, args.space)
+    if args.metric is not None and args.metric not in exp.metrics:
+        raise AnalysisError(
+            f"--metric {args.metric}: not a metric of {exp.name} ({', '.join(exp.metrics)})"
+        )
     written = run(exp, args.out, args.metric, args.resamples, args.seed)
     for path in written:
         if path.suffix == ".md":

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtl import data as data_lib
 from mtl.backbones import load_tokenizer, resolve_backbone
 from mtl.bert import BertConfig, BertModel
-from mtl.config import TASKS
+from mtl.tasks import BUILTIN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def real_batches(args: argparse.Namespace, vocab_size: int, device: torch.device
         if batching not in ("random", "bucketed"):
             raise SystemExit(f"--batching: unknown order {batching!r} (random, bucketed)")
         per_task = []
-        for task in TASKS:
+        for task in BUILTIN.values():
             raw = data_lib.read_split(Path(args.data_dir), task, "train")
             enc = data_lib.encode(
                 data_lib.subsample(raw, 4000, args.seed), tokenizer, args.max_length, design=2
@@ -198,7 +198,7 @@ def real_batches(args: argparse.Namespace, vocab_size: int, device: torch.device
                 enc.lengths, args.batch_size, gen, bucket=batching == "bucketed"
             )
             full = [i for i in order if len(i) == args.batch_size]
-            per_task.append([data_lib.collate(enc, i) for i in full[: needed // len(TASKS) + 1]])
+            per_task.append([data_lib.collate(enc, i) for i in full[: needed // len(BUILTIN) + 1]])
         mixed = [b for group in zip(*per_task, strict=True) for b in group][:needed]
         out[batching] = [
             Batch(

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mtl import data as D  # noqa: E402
+from mtl.tasks import BUILTIN  # noqa: E402
 
 METHODS = ("bucketed", "random")
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = BertTokenizerFast.from_pretrained(str(model_dir))
     data_dir = Path(args.data_dir)
     encoded = {}
-    for task in D.TASK_FILES:
+    for task in BUILTIN:
         raw = D.read_split(data_dir, task, "train")
         encoded[task] = D.encode(raw, tokenizer, args.max_length, design=2)
     n_train = sum(len(e) for e in encoded.values())

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtl import smart
 from mtl.backbones import resolve_backbone
+from mtl.build import build_model, param_groups
 from mtl.config import Config, build_config
 from mtl.data import Batch
 from mtl.heads import task_loss
 from mtl.pal import pal_parameters
-from mtl.train import build_model, param_groups
 
 VARIANTS: dict[str, dict] = {
     "plain": {},

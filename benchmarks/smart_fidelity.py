@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtl import data as data_lib
 from mtl import smart
 from mtl.backbones import resolve_backbone
+from mtl.build import build_model
 from mtl.config import SmartConfig, build_config
-from mtl.train import build_model, load_data, train
+from mtl.train import load_data, train
 
 RULES = ("normalized_step", "unit_norm")
 TASKS = ("sst", "para", "sts")

@@ -30,6 +30,7 @@ from mtl.bert import (
     read_checkpoint,
     weights_file,
 )
+from mtl.tasks import configured
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -182,9 +183,6 @@ class Backbone:
 # A fast tokenizer's own file, or the WordPiece vocabulary it can be built from.
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
-# Tasks whose design 2 input is a pair with segment ids 0 and 1.
-_PAIR_TASKS = ("para", "sts")
-
 
 def load_backbone(cfg: Config) -> Backbone:
     """Resolves ``cfg.model.backbone`` and checks that it can run ``cfg``.
@@ -214,7 +212,7 @@ def load_backbone(cfg: Config) -> Backbone:
                 f"{where}: max_position_embeddings is {config.max_position_embeddings}, below "
                 f"{key} {length}; set {key} to at most {config.max_position_embeddings}"
             )
-    pairs = [t for t in cfg.data.tasks if t in _PAIR_TASKS]
+    pairs = [t.name for t in configured(cfg.data) if t.pair]
     if cfg.model.design == 2 and pairs and config.type_vocab_size < 2:
         raise BackboneError(
             f"{where}: type_vocab_size is {config.type_vocab_size}, but model.design 2 gives "

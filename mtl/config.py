@@ -17,18 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-TASKS: tuple[str, ...] = ("sst", "para", "sts")
-METRICS: tuple[str, ...] = ("overall", "sst_acc", "para_acc", "sts_pearson")
-# The dev metric each task produces; "overall" is the mean over the configured tasks.
-TASK_METRICS: dict[str, str] = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}
-
-
-def unmeasured(metric: str, tasks: tuple[str, ...] | list[str]) -> str | None:
-    """Why ``metric`` cannot be measured when training ``tasks`` (None: it can)."""
-    task = {m: t for t, m in TASK_METRICS.items()}.get(metric)
-    if task is None or task in tasks:
-        return None
-    return f"{metric!r} is a metric of task {task}, which is not in data.tasks ({', '.join(tasks)})"
+from mtl import tasks as tasks_lib
 
 
 class ConfigError(ValueError):
@@ -56,6 +45,67 @@ class ModelConfig(_Section):
     encoder_dropout: float | None = Field(None, ge=0.0, lt=1.0)
 
 
+class TaskConfig(_Section):
+    """A task declared in the config (``data.custom_tasks``), built by :func:`mtl.tasks.from_config`;
+    see README's "Adding a task"."""
+
+    # The task's key in data.tasks, in file and metric names (<name>_acc, <name>_pearson).
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    # classification: labels 0..num_labels-1 (2: one logit and binary cross-entropy; more: a
+    # logit per class and cross-entropy); regression: a score in score_range (mean-squared error).
+    kind: Literal["classification", "regression"]
+    # Classes of a classification.
+    num_labels: int | None = Field(None, ge=2)
+    # [lowest, highest] gold score of a regression.
+    score_range: tuple[float, float] | None = None
+    # A pair of sentences (two text columns) or one sentence.
+    pair: bool = False
+    # File names in data.data_dir (or absolute paths), tab-separated with a header line.
+    train_file: str
+    dev_file: str
+    # None: no test predictions for this task.
+    test_file: str | None = None
+    # Column names, as the header line spells them.
+    id_column: str = "id"
+    text_columns: tuple[str, ...]
+    label_column: str
+    # accuracy (classification) or pearson (regression); None: the kind's.
+    metric: Literal["accuracy", "pearson"] | None = None
+    # The task's name in tables and plots (None: its name).
+    title: str | None = None
+    # The value column of its prediction files (None: Predicted_<label_column>).
+    prediction_header: str | None = None
+    # Names of the classes in plots (None: the class numbers).
+    label_names: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskConfig:
+        where = f"task {self.name}"
+        if self.name in tasks_lib.BUILTIN:
+            raise ValueError(f"{where}: the name of a built-in task")
+        if self.kind == "classification":
+            if self.num_labels is None or self.score_range is not None:
+                raise ValueError(f"{where}: a classification needs num_labels, not score_range")
+            if self.metric == "pearson":
+                raise ValueError(f"{where}: a classification's metric is accuracy")
+        else:
+            if self.score_range is None or self.num_labels is not None:
+                raise ValueError(f"{where}: a regression needs score_range, not num_labels")
+            if not self.score_range[0] < self.score_range[1]:
+                raise ValueError(f"{where}: score_range must be [lowest, highest]")
+            if self.metric == "accuracy":
+                raise ValueError(f"{where}: a regression's metric is pearson")
+        want = 2 if self.pair else 1
+        if len(self.text_columns) != want:
+            raise ValueError(
+                f"{where}: {'a pair' if self.pair else 'one sentence'} needs {want} "
+                f"text_columns, got {len(self.text_columns)}"
+            )
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            raise ValueError(f"{where}: label_names must name each of the num_labels classes")
+        return self
+
+
 class DataConfig(_Section):
     # Folder with the CS224N csv files; None: $MTL_DATA_DIR, else download once into the cache.
     data_dir: str | None = None
@@ -67,8 +117,11 @@ class DataConfig(_Section):
     max_eval_examples: int | None = Field(None, gt=0)
     # Length-bucketed batches (shuffled within buckets); False: uniformly shuffled batches.
     bucket: bool = True
-    # Tasks to train and evaluate, in round-robin order.
-    tasks: tuple[Literal["sst", "para", "sts"], ...] = TASKS
+    # Tasks to train and evaluate, in round-robin order: built-in (sst, para, sts) or declared
+    # in custom_tasks.
+    tasks: tuple[str, ...] = tuple(tasks_lib.BUILTIN)
+    # Further tasks, declared as data (see TaskConfig and README's "Adding a task").
+    custom_tasks: tuple[TaskConfig, ...] = ()
 
 
 class TrainConfig(_Section):
@@ -101,7 +154,8 @@ class TrainConfig(_Section):
     # Evaluate on dev every this many epochs: a fraction (0.5) or a whole number.
     eval_every: float = Field(1.0, gt=0.0)
     # Metric that picks the best checkpoint (and that the search ranks).
-    selection_metric: Literal["overall", "sst_acc", "para_acc", "sts_pearson"] = "overall"
+    # "overall" or a task's metric (sst_acc, para_acc, sts_pearson, <custom task>_acc, ...).
+    selection_metric: str = "overall"
     # Log per-task training loss to TensorBoard every this many steps.
     log_every: int = Field(20, gt=0)
     # Write dev and test predictions in the CS224N submission format at the end.
@@ -239,8 +293,25 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _stage1_needs_quora(self) -> Config:
-        if self.contrastive.enabled and "para" not in self.data.tasks:
-            raise ValueError("contrastive.enabled needs the para task in data.tasks")
+        if self.contrastive.enabled and tasks_lib.STAGE1_TASK not in self.data.tasks:
+            raise ValueError(
+                f"contrastive.enabled needs the {tasks_lib.STAGE1_TASK} task in data.tasks"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tasks_known(self) -> Config:
+        known = tasks_lib.registry(self.data)
+        names = [spec.name for spec in self.data.custom_tasks]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"data.custom_tasks: task {name} is declared twice")
+        for i, name in enumerate(self.data.tasks):
+            if name not in known:
+                raise ValueError(
+                    f"data.tasks.{i}: unknown task {name!r} (expected one of "
+                    f"{', '.join(known)}; declare a new one in data.custom_tasks)"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,7 +321,8 @@ class Config(_Section):
     # A check across sections: the error names its key (see _format_error).
     @model_validator(mode="after")
     def _selection_metric_measured(self) -> Config:
-        problem = unmeasured(self.train.selection_metric, self.data.tasks)
+        known = tasks_lib.registry(self.data).values()
+        problem = tasks_lib.unmeasured(self.train.selection_metric, known, self.data.tasks)
         if problem is not None:
             raise ValueError(f"train.selection_metric: {problem}")
         return self

@@ -49,9 +49,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -66,13 +64,16 @@ from torch import Tensor
 from mtl import data as data_lib
 from mtl.backbones import load_tokenizer, resolve_backbone
 from mtl.bert import BertModel
+from mtl.cache import atomic_write, cache_root, sha256_file
 from mtl.config import Config, ContrastiveConfig
+from mtl.tasks import BUILTIN, STAGE1_TASK
 
 log = logging.getLogger("mtl.contrastive")
 
 # Bump when the stage-1 procedure changes, so old cache entries are not reused.
 CACHE_FORMAT = 2
-_QUORA_FILES = (data_lib.split_file("para", "train"), data_lib.split_file("para", "dev"))
+_QUORA = BUILTIN[STAGE1_TASK]
+_QUORA_FILES = (data_lib.split_file(_QUORA, "train"), data_lib.split_file(_QUORA, "dev"))
 
 # ---------------------------------------------------------------------------------------------
 # Losses
@@ -158,36 +159,18 @@ def split_ids(ids: Sequence[str], fraction: float, seed: int) -> tuple[set[str],
     return set(unique[:cut]), set(unique[cut:])
 
 
-def select(enc: data_lib.Encoded, keep: Sequence[int]) -> data_lib.Encoded:
-    """A new :class:`~mtl.data.Encoded` with the examples at positions ``keep``, in that order."""
-
-    def pick(rows: list[Tensor] | None) -> list[Tensor] | None:
-        return None if rows is None else [rows[i] for i in keep]
-
-    index = torch.as_tensor(list(keep), dtype=torch.long)
-    return replace(
-        enc,
-        ids=[enc.ids[i] for i in keep],
-        labels=None if enc.labels is None else enc.labels[index],
-        input_ids=pick(enc.input_ids),
-        token_type_ids=pick(enc.token_type_ids),
-        input_ids_b=pick(enc.input_ids_b),
-        lengths=enc.lengths[index],
-    )
-
-
 def exclude_stage1(data: data_lib.TaskData, stage1: Stage1Result | None) -> data_lib.TaskData:
     """``data`` with the stage-1 pairs removed from Quora training; ``data`` itself is untouched.
 
     A search shares one pre-tokenized :class:`~mtl.data.TaskData` between trials with and without
-    stage 1, so this returns a new object whose ``train["para"]`` is a filtered copy.
+    stage 1, so this returns a new object whose Quora training split is a filtered copy.
     """
-    if stage1 is None or "para" not in data.train:
+    if stage1 is None or STAGE1_TASK not in data.train:
         return data
-    para = data.train["para"]
+    para = data.train[STAGE1_TASK]
     keep = [i for i, example_id in enumerate(para.ids) if example_id not in stage1.ids]
-    log.info("para: held out %d stage-1 training pairs", len(para) - len(keep))
-    return replace(data, train={**data.train, "para": select(para, keep)})
+    log.info("%s: held out %d stage-1 training pairs", STAGE1_TASK, len(para) - len(keep))
+    return replace(data, train={**data.train, STAGE1_TASK: data_lib.take(para, keep)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,15 +178,8 @@ def exclude_stage1(data: data_lib.TaskData, stage1: Stage1Result | None) -> data
 
 
 def default_cache_dir() -> Path:
-    """``$MTL_CACHE_DIR/stage1``, else ``~/.cache/mtl/stage1``."""
-    root = os.environ.get("MTL_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "mtl"
-    return base / "stage1"
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    """``<cache root>/stage1`` (:func:`mtl.cache.cache_root`)."""
+    return cache_root() / "stage1"
 
 
 def _weights_file(backbone_dir: Path) -> Path:
@@ -231,11 +207,11 @@ def cache_key(
     parts = {
         "format": CACHE_FORMAT,
         "backbone": {
-            "config.json": _sha256(backbone_dir / "config.json"),
-            "weights": _sha256(_weights_file(backbone_dir)),
+            "config.json": sha256_file(backbone_dir / "config.json"),
+            "weights": sha256_file(_weights_file(backbone_dir)),
         },
         "stage1": cfg.model_dump(mode="json", exclude={"enabled", "cache_dir"}),
-        "data": {name: _sha256(data_dir / name) for name in _QUORA_FILES},
+        "data": {name: sha256_file(data_dir / name) for name in _QUORA_FILES},
         "ids": ids_digest(ids),
         "seed": seed,
     }
@@ -244,13 +220,7 @@ def cache_key(
 
 def save_atomic(path: Path, tensors: dict[str, Tensor], record: dict) -> None:
     """Writes ``tensors`` (with ``record`` as metadata) to a temporary name, then renames it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={"record": json.dumps(record)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"record": json.dumps(record)}))
 
 
 def read_record(path: Path) -> dict:
@@ -404,13 +374,7 @@ def _keep_ids(raw: data_lib.RawSplit, ids: set[str]) -> data_lib.RawSplit:
         if example_id in ids and example_id not in seen:
             seen.add(example_id)
             keep.append(i)
-    return replace(
-        raw,
-        ids=[raw.ids[i] for i in keep],
-        text_a=[raw.text_a[i] for i in keep],
-        text_b=None if raw.text_b is None else [raw.text_b[i] for i in keep],
-        labels=None if raw.labels is None else [raw.labels[i] for i in keep],
-    )
+    return data_lib.take(raw, keep)
 
 
 def run_stage1(
@@ -418,6 +382,9 @@ def run_stage1(
     pool: Sequence[str],
     device: torch.device | str = "cpu",
     autocast: Callable = contextlib.nullcontext,
+    *,
+    backbone_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> Stage1Result:
     """The stage-1 encoder for ``cfg``: from the cache, or trained now and cached.
 
@@ -428,13 +395,17 @@ def run_stage1(
             them and stage 2 on the rest.
         device: where to train on a cache miss.
         autocast: a context factory for mixed precision, as the training loop uses.
+        backbone_dir: ``model.backbone`` as the run resolved it (None: resolved here).
+        data_dir: ``data.data_dir`` as the run resolved it (None: resolved here).
 
     Returns:
         The cached weights' path, whether it was a hit, and the stage-1 ids.
     """
     c = cfg.contrastive
-    data_dir = data_lib.resolve_data_dir(cfg.data.data_dir)
-    backbone_dir = resolve_backbone(cfg.model.backbone)
+    if data_dir is None:
+        data_dir = data_lib.resolve_data_dir(cfg.data.data_dir)
+    if backbone_dir is None:
+        backbone_dir = resolve_backbone(cfg.model.backbone)
     stage1_ids, _ = split_ids(pool, c.fraction, cfg.seed)
     key = cache_key(backbone_dir, c, data_dir, cfg.seed, sorted(stage1_ids))
     cache_dir = Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir()
@@ -483,9 +454,9 @@ def _train_and_cache(
     c = cfg.contrastive
     started = time.time()
     tokenizer = load_tokenizer(backbone_dir)
-    train_raw = _keep_ids(data_lib.read_split(data_dir, "para", "train"), stage1_ids)
+    train_raw = _keep_ids(data_lib.read_split(data_dir, _QUORA, "train"), stage1_ids)
     val_raw = data_lib.subsample(
-        data_lib.read_split(data_dir, "para", "dev"), c.max_val_examples, cfg.seed
+        data_lib.read_split(data_dir, _QUORA, "dev"), c.max_val_examples, cfg.seed
     )
     train_set = data_lib.encode(train_raw, tokenizer, c.max_length, design=1)
     val_set = data_lib.encode(val_raw, tokenizer, c.max_length, design=1)
@@ -515,8 +486,12 @@ def stage1_for_run(
     data: data_lib.TaskData,
     device: torch.device,
     autocast: Callable,
+    backbone_dir: Path | None = None,
 ) -> Stage1Result | None:
     """Stage 1 for a training run (None when ``contrastive.enabled`` is off).
+
+    ``backbone_dir`` and ``data.data_dir``: the folders the run resolved, so that a run resolves
+    its backbone and data folder once.
 
     Stage 1 trains on ``contrastive.fraction`` of the Quora training pairs in ``data`` (the run's
     subsample) and stage 2 on the rest (:func:`exclude_stage1`). Writes ``stage1.json`` in the
@@ -525,8 +500,10 @@ def stage1_for_run(
     """
     if not cfg.contrastive.enabled:
         return None
-    pool = data.train["para"].ids
-    result = run_stage1(cfg, pool, device, autocast)
+    pool = data.train[STAGE1_TASK].ids
+    result = run_stage1(
+        cfg, pool, device, autocast, backbone_dir=backbone_dir, data_dir=data.data_dir
+    )
     stage2 = [i for i in pool if i not in result.ids]
     summary = {k: v for k, v in asdict(result).items() if k != "ids"}
     summary.update(
@@ -553,7 +530,6 @@ __all__ = [
     "margin_loss",
     "run_stage1",
     "save_atomic",
-    "select",
     "split_ids",
     "stage1_for_run",
     "train_stage1",

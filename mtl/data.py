@@ -17,37 +17,29 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from mtl.cache import atomic_write, cache_root, sha256_file
+from mtl.tasks import BUILTIN, SPLITS, Task, as_task, configured
+
 if TYPE_CHECKING:
     from mtl.config import DataConfig
 
 logger = logging.getLogger("mtl.data")
+# A split as read or as tokenized (see take).
+_Split = TypeVar("_Split", "RawSplit", "Encoded")
 
-TASK_FILES: dict[str, str] = {"sst": "ids-sst", "para": "quora", "sts": "sts"}
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
-_SPLIT_SUFFIX = {"train": "train", "dev": "dev", "test": "test-student"}
-_TEXT_COLUMNS = {
-    "sst": ("sentence",),
-    "para": ("sentence1", "sentence2"),
-    "sts": ("sentence1", "sentence2"),
-}
-_LABEL_COLUMN = {"sst": "sentiment", "para": "is_duplicate", "sts": "similarity"}
-# Quora's sentences were quoted once more before the csv writer quoted them again (`"""..."""`):
-# after the csv parse a well-formed field is still `"...""..."""`, and is unquoted once more.
-_QUOTED_TWICE = {"para"}
 # A byte that is not UTF-8, as ``errors="surrogateescape"`` decodes it.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 # Line numbers kept per skip reason, for the report.
@@ -71,8 +63,9 @@ SHA256: dict[str, str] = {
 # Files without a known checksum are checked for their header columns and a plausible number of
 # data rows (lines after the header). The published sizes are 141,506 and 40,431 pairs.
 MIN_ROWS: dict[str, int] = {"quora-train.csv": 100_000, "quora-test-student.csv": 30_000}
+# The published files: every split of every built-in task.
 DATA_FILES: tuple[str, ...] = tuple(
-    f"{prefix}-{_SPLIT_SUFFIX[split]}.csv" for prefix in TASK_FILES.values() for split in SPLITS
+    name for task in BUILTIN.values() for split in SPLITS if (name := task.file(split))
 )
 
 
@@ -156,12 +149,13 @@ class RawSplit:
     """One task's split as read from disk, validated.
 
     Attributes:
-        task: ``sst``, ``para`` or ``sts``.
+        task: The task's name (:attr:`mtl.tasks.Task.name`), e.g. ``sst``.
         split: ``train``, ``dev`` or ``test``.
         ids: Example ids, in file order.
         text_a: First (or only) sentence, whitespace-stripped.
-        text_b: Second sentence for pairs; None for sst.
-        labels: sst: int 0..4; para: float 0.0/1.0; sts: float 0..5; None for test.
+        text_b: Second sentence for pairs; None for a single sentence.
+        labels: As :meth:`mtl.tasks.Task.parse_label` returns them (sst: int 0..4; para: float
+            0.0/1.0; sts: float 0..5); None for test.
         report: What the reader skipped.
     """
 
@@ -177,18 +171,21 @@ class RawSplit:
         return len(self.ids)
 
 
-def split_file(task: str, split: str) -> str:
-    """File name of a task's split, e.g. ``split_file("para", "test") == "quora-test-student.csv"``."""
-    if task not in TASK_FILES:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_FILES)}")
-    if split not in _SPLIT_SUFFIX:
-        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-    return f"{TASK_FILES[task]}-{_SPLIT_SUFFIX[split]}.csv"
+def split_file(task: Task | str, split: str) -> str:
+    """File name of a task's split, e.g. ``quora-test-student.csv`` for Quora's test split.
+
+    Raises:
+        ValueError: an unknown split, or a split the task has no file for.
+    """
+    task = as_task(task)
+    name = task.file(split)
+    if name is None:
+        raise ValueError(f"task {task.name} has no {split} file")
+    return name
 
 
-def _required_columns(task: str, split: str) -> tuple[str, ...]:
-    label = () if split == "test" else (_LABEL_COLUMN[task],)
-    return ("id", *_TEXT_COLUMNS[task], *label)
+def _required_columns(task: Task, split: str) -> tuple[str, ...]:
+    return task.columns(split)
 
 
 def _unquote(text: str) -> str:
@@ -198,22 +195,6 @@ def _unquote(text: str) -> str:
         if '"' not in inner.replace('""', ""):
             return inner.replace('""', '"').strip()
     return text
-
-
-def _parse_label(task: str, text: str) -> tuple[int | float | None, str | None]:
-    """Return ``(label, None)`` or ``(None, reason)``."""
-    text = text.strip()
-    if not text:
-        return None, "empty label"
-    try:
-        value = float(text)
-    except ValueError:
-        return None, "label not a number"
-    if task == "sst":
-        ok = value in (0.0, 1.0, 2.0, 3.0, 4.0)
-        return (int(value), None) if ok else (None, "label out of range")
-    ok = value in (0.0, 1.0) if task == "para" else 0.0 <= value <= 5.0
-    return (value, None) if ok else (None, "label out of range")
 
 
 def _records(path: Path) -> Iterator[tuple[int, int, list[str]]]:
@@ -256,7 +237,7 @@ def _read_header(path: Path) -> list[str]:
         return _header(path, records)
 
 
-def _locate_columns(path: Path, header: list[str], task: str, split: str) -> dict[str, int]:
+def _locate_columns(path: Path, header: list[str], task: Task, split: str) -> dict[str, int]:
     names = [name.strip() for name in header]
     where = {}
     for column in _required_columns(task, split):
@@ -266,22 +247,23 @@ def _locate_columns(path: Path, header: list[str], task: str, split: str) -> dic
     return where
 
 
-def read_split(data_dir: Path, task: str, split: str) -> RawSplit:
+def read_split(data_dir: Path, task: Task | str, split: str) -> RawSplit:
     """Read and validate one split.
 
     The csv module parses the file (tab-separated; LF, CRLF or bare-CR line endings; a quoted
     field may hold tabs, quotes and line breaks). Columns are located by header name. A row is
     unusable when it is a blank line, is not UTF-8, has a column count other than the header's,
     has an empty id, or (train/dev) has an empty label, a label that is not a number, or a label
-    out of range (sst: an integer 0..4, para: 0 or 1, sts: 0..5). In train and dev such a row is
+    out of range (:meth:`mtl.tasks.Task.parse_label`; sst: an integer 0..4, para: 0 or 1, sts:
+    0..5). In train and dev such a row is
     skipped and counted by reason; in test only a blank line may be skipped, since a submission
     must cover every test id. Sentences are whitespace-stripped and may be empty; Quora's
-    sentences are unquoted once more (see ``_QUOTED_TWICE``). Ids that repeat an earlier row's
+    sentences are unquoted once more (:attr:`mtl.tasks.Task.quoted_twice`). Ids that repeat an earlier row's
     id are kept and counted in the report (:meth:`SkipReport.duplicates_warning`).
 
     Args:
         data_dir: Folder with the csv files.
-        task: ``sst``, ``para`` or ``sts``.
+        task: The task (or a built-in task's name: ``sst``, ``para`` or ``sts``).
         split: ``train``, ``dev`` or ``test`` (the ``*-test-student.csv`` file).
 
     Returns:
@@ -292,8 +274,8 @@ def read_split(data_dir: Path, task: str, split: str) -> RawSplit:
             row, has no usable row, or (test) has a row that is unusable; the message names the
             file (and the line and reason).
     """
-    name = split_file(task, split)
-    path = Path(data_dir) / name
+    task = as_task(task)
+    path = Path(data_dir) / split_file(task, split)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     with contextlib.closing(_records(path)) as records:
@@ -305,7 +287,7 @@ def read_split(data_dir: Path, task: str, split: str) -> RawSplit:
     if not ids and split != "test":
         raise DataError(f"{path}: no usable row: {report}")
     return RawSplit(
-        task=task,
+        task=task.name,
         split=split,
         ids=ids,
         text_a=texts[0],
@@ -320,12 +302,12 @@ def _read_rows(
     records: Iterator[tuple[int, int, list[str]]],
     header: list[str],
     cols: dict[str, int],
-    task: str,
+    task: Task,
     split: str,
 ) -> tuple[SkipReport, list[str], list[list[str]], list[Any] | None]:
-    text_cols = [cols[c] for c in _TEXT_COLUMNS[task]]
-    label_col = cols.get(_LABEL_COLUMN[task])
-    unquote = task in _QUOTED_TWICE
+    text_cols = [cols[c] for c in task.text_columns]
+    label_col = cols.get(task.label_column)
+    unquote = task.quoted_twice
 
     report = SkipReport(file=path.name)
     ids: list[str] = []
@@ -334,10 +316,10 @@ def _read_rows(
     labels: list[Any] = []
     for lineno, last, row in records:
         report.rows += 1
-        reason = _unusable(row, len(header), cols["id"], multiline=last > lineno)
+        reason = _unusable(row, len(header), cols[task.id_column], multiline=last > lineno)
         label = None
         if reason is None and label_col is not None:
-            label, reason = _parse_label(task, row[label_col])
+            label, reason = task.parse_label(row[label_col])
         if reason is not None:
             if split == "test" and reason != "blank line":
                 raise DataError(
@@ -346,7 +328,7 @@ def _read_rows(
                 )
             report.add(reason, lineno)
             continue
-        example_id = row[cols["id"]].strip()
+        example_id = row[cols[task.id_column]].strip()
         if example_id in first_line:
             report.add_duplicate(lineno, first_line[example_id])
         else:
@@ -377,17 +359,23 @@ def _unusable(row: list[str], columns: int, id_col: int, multiline: bool) -> str
     return None
 
 
-def _take(raw: RawSplit, keep: Sequence[int]) -> RawSplit:
-    def pick(values: list[Any] | None) -> list[Any] | None:
-        return None if values is None else [values[i] for i in keep]
+def take(split: _Split, keep: Sequence[int]) -> _Split:
+    """The examples of ``split`` at positions ``keep``, in that order: the one way to take a
+    subset of a split, read (:class:`RawSplit`) or tokenized (:class:`Encoded`). Every
+    per-example field (a list or a tensor) is picked; the rest (task, split, report) is kept.
 
-    return replace(
-        raw,
-        ids=pick(raw.ids),
-        text_a=pick(raw.text_a),
-        text_b=pick(raw.text_b),
-        labels=pick(raw.labels),
-    )
+    Used by :func:`subsample`, by the held-out ids of :func:`load_task_data`, and by the
+    contrastive stage's pairs (:mod:`mtl.contrastive`).
+    """
+    index = torch.as_tensor(list(keep), dtype=torch.long)
+    picked: dict[str, Any] = {}
+    for f in fields(split):
+        value = getattr(split, f.name)
+        if isinstance(value, list):
+            picked[f.name] = [value[i] for i in keep]
+        elif isinstance(value, torch.Tensor):
+            picked[f.name] = value[index]
+    return replace(split, **picked)
 
 
 def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
@@ -407,35 +395,21 @@ def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
         raise ValueError(f"subsample size must be >= 0, got {n}")
     gen = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(raw), generator=gen)[:n].sort().values.tolist()
-    return _take(raw, keep)
-
-
-def _drop_ids(raw: RawSplit, exclude: set[str]) -> RawSplit:
-    return _take(raw, [i for i, example_id in enumerate(raw.ids) if example_id not in exclude])
+    return take(raw, keep)
 
 
 # --------------------------------------------------------------------------- download
 
 
 def default_cache_dir() -> Path:
-    """``$MTL_CACHE_DIR/data/<commit[:8]>``, else ``~/.cache/mtl/data/<commit[:8]>``."""
-    root = os.environ.get("MTL_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "mtl"
-    return base / "data" / DATA_COMMIT[:8]
+    """``<cache root>/data/<commit[:8]>`` (:func:`mtl.cache.cache_root`)."""
+    return cache_root() / "data" / DATA_COMMIT[:8]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _task_split_of(name: str) -> tuple[str, str]:
-    for task in TASK_FILES:
+def _task_split_of(name: str) -> tuple[Task, str]:
+    for task in BUILTIN.values():
         for split in SPLITS:
-            if split_file(task, split) == name:
+            if task.file(split) == name:
                 return task, split
     raise ValueError(f"not a data file: {name}")
 
@@ -443,7 +417,7 @@ def _task_split_of(name: str) -> tuple[str, str]:
 def _check_file(path: Path, name: str, min_rows: Mapping[str, int]) -> str | None:
     """Why the file at ``path`` is not a valid copy of ``name``, or None when it is."""
     if name in SHA256:
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != SHA256[name]:
             return f"sha256 mismatch (expected {SHA256[name]}, got {got})"
         return None
@@ -518,13 +492,14 @@ def download_data(
                 continue
             logger.warning("%s: cached copy is invalid (%s); downloading again", dest, problem)
         url = f"{base_url.rstrip('/')}/{DATA_COMMIT}/data/{name}"
-        tmp = folder / f".{name}.{os.getpid()}.part"
-        _fetch(url, tmp, timeout)
-        problem = _check_file(tmp, name, rows_needed)
-        if problem is not None:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"{name}: {problem}; downloaded from {url}, not kept")
-        os.replace(tmp, dest)
+
+        def fetch_checked(tmp: Path, url: str = url, name: str = name) -> None:
+            _fetch(url, tmp, timeout)
+            problem = _check_file(tmp, name, rows_needed)
+            if problem is not None:
+                raise DataError(f"{name}: {problem}; downloaded from {url}, not kept")
+
+        atomic_write(dest, fetch_checked)
         logger.info("downloaded %s", dest)
     return folder
 
@@ -538,7 +513,7 @@ def local_copy_problem(folder: Path) -> str | None:
     nor its row counts are asked for, so a local copy or subset of the data passes.
     """
     folder = Path(folder)
-    for task in TASK_FILES:
+    for task in BUILTIN.values():
         for split in SPLITS:
             path = folder / split_file(task, split)
             if not path.is_file():
@@ -611,11 +586,12 @@ class Encoded:
     """A tokenized split; sequences are unpadded 1-D long tensors.
 
     Attributes:
-        task: ``sst``, ``para`` or ``sts``.
+        task: The task's name.
         split: ``train``, ``dev`` or ``test``.
         ids: Example ids.
-        labels: (n,) long for sst, float32 for para and sts; None for test.
-        input_ids: Per example ``[CLS] a [SEP]`` (sst, design 1) or ``[CLS] a [SEP] b [SEP]``
+        labels: (n,) long for int labels (sst), float32 for float ones (para, sts); None for
+            test.
+        input_ids: Per example ``[CLS] a [SEP]`` (one sentence, design 1) or ``[CLS] a [SEP] b [SEP]``
             (design 2 pairs).
         token_type_ids: Design 2 pairs only (0 for a, 1 for b); None means all zeros.
         input_ids_b: Design 1 pairs only: ``[CLS] b [SEP]``.
@@ -672,8 +648,9 @@ def encode(raw: RawSplit, tokenizer: Any, max_length: int, design: int) -> Encod
             lengths = [max(la, len(b)) for la, b in zip(lengths, input_ids_b, strict=True)]
     labels = None
     if raw.labels is not None:
-        dtype = torch.long if raw.task == "sst" else torch.float32
-        labels = torch.tensor(raw.labels, dtype=dtype)
+        # The task's parse_label returns ints for a class per logit (cross-entropy wants long).
+        classes = bool(raw.labels) and isinstance(raw.labels[0], int)
+        labels = torch.tensor(raw.labels, dtype=torch.long if classes else torch.float32)
     return Encoded(
         task=raw.task,
         split=raw.split,
@@ -691,7 +668,7 @@ class Batch:
     """One single-task batch, padded to the longest sequence in the batch.
 
     Attributes:
-        task: ``sst``, ``para`` or ``sts``.
+        task: The task's name (the key of its head and PALs).
         index: (B,) positions of the examples in the :class:`Encoded` split.
         input_ids: (B, L), padded with 0.
         attention_mask: (B, L) long, 1 for tokens, 0 for padding.
@@ -821,6 +798,8 @@ class TaskData:
         missing: Names of absent test files, e.g. ``quora-test-student.csv``.
         test_rows: Task -> rows of its test file, before any subsample: fewer in
             :attr:`test` means its test predictions are not a whole submission.
+        data_dir: The folder the files were read from (resolved once, :func:`resolve_data_dir`),
+            for whatever else of the run reads it (stage 1).
     """
 
     train: dict[str, Encoded]
@@ -829,6 +808,7 @@ class TaskData:
     reports: list[SkipReport]
     missing: list[str]
     test_rows: dict[str, int] = field(default_factory=dict)
+    data_dir: Path | None = None
 
 
 # The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
@@ -865,13 +845,16 @@ def load_task_data(
         DataError: A train or dev file is missing or lacks a column.
     """
     data_dir = resolve_data_dir(cfg.data_dir)
-    data = TaskData(train={}, dev={}, test={}, reports=[], missing=[])
-    for task in cfg.tasks:
+    data = TaskData(train={}, dev={}, test={}, reports=[], missing=[], data_dir=data_dir)
+    for spec in configured(cfg):
+        task = spec.name
         for split in SPLITS:
-            if split == "test" and not (data_dir / split_file(task, split)).is_file():
-                data.missing.append(split_file(task, split))
+            if split == "test" and spec.file(split) is None:
+                continue  # a declared task without a test file
+            if split == "test" and not (data_dir / split_file(spec, split)).is_file():
+                data.missing.append(split_file(spec, split))
                 continue
-            raw = read_split(data_dir, task, split)
+            raw = read_split(data_dir, spec, split)
             data.reports.append(raw.report)
             if raw.report.skipped:
                 logger.warning("%s", raw.report)
@@ -881,7 +864,7 @@ def load_task_data(
                 dropped = (exclude or {}).get(task)
                 if dropped:
                     before = len(raw)
-                    raw = _drop_ids(raw, dropped)
+                    raw = take(raw, [i for i, x in enumerate(raw.ids) if x not in dropped])
                     logger.info("%s: held out %d training examples", task, before - len(raw))
                 raw = subsample(raw, cfg.max_train_examples, seed)
             else:

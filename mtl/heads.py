@@ -1,10 +1,8 @@
 """Task heads, their losses, predictions and metrics (section 4.1 and Figure 1 of the paper).
 
-One encoder is shared by three tasks:
-
-* ``sst``: SST-5 sentiment, 5-way classification of one sentence (cross-entropy).
-* ``para``: Quora paraphrase detection, a binary logit per pair (binary cross-entropy on logits).
-* ``sts``: STS similarity, a 0..5 regression per pair (mean-squared error).
+One encoder is shared by the tasks (:mod:`mtl.tasks`: SST, Quora, STS and any declared in the
+config); each task has a head of :attr:`mtl.tasks.Task.num_outputs` outputs, and its loss,
+decision and metric are the task's own (the functions below ask the task).
 
 Pairs use one of two designs. Design 1 (Sentence-BERT) encodes each sentence alone and feeds
 ``[u, |u - v|, v]`` to the head; design 2 encodes ``[CLS] s1 [SEP] s2 [SEP]`` jointly and feeds the
@@ -14,20 +12,31 @@ that runs the model, so regularizers can reuse them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import nn
 
 from mtl.bert import BertModel
-from mtl.config import TASK_METRICS, ModelConfig
+from mtl.config import ModelConfig
 from mtl.data import Batch
+from mtl.tasks import BUILTIN, Task, as_task, overall_score, pearson, pearson_undefined
 
-NUM_SENTIMENT_CLASSES = 5
+__all__ = [
+    "FeedForwardHead",
+    "MultitaskBert",
+    "TaskOutput",
+    "overall_score",
+    "pearson",
+    "pearson_undefined",
+    "pool",
+    "predict",
+    "task_loss",
+    "task_metric",
+]
 
 
 class FeedForwardHead(nn.Module):
@@ -66,7 +75,8 @@ class TaskOutput:
     """What a head returns for one batch.
 
     Attributes:
-        logits: (batch, 5) for sst; (batch,) binary logit for para; (batch,) score for sts.
+        logits: (batch, num_labels) for a classification of more than 2 labels (sst); (batch,)
+            for a binary logit (para) or a score (sts); see :attr:`mtl.tasks.Task.num_outputs`.
         embeddings: (batch, hidden) pooled sentence (or pair, design 2) embedding.
     """
 
@@ -75,21 +85,31 @@ class TaskOutput:
 
 
 class MultitaskBert(nn.Module):
-    """The shared encoder with one head per task."""
+    """The shared encoder with one head per task.
 
-    def __init__(self, encoder: BertModel, cfg: ModelConfig):
+    Args:
+        encoder: the shared encoder.
+        cfg: the heads' sizes, the pair design and the pooling.
+        tasks: one head per task, in this order (default: the built-in tasks; a run passes
+            :func:`mtl.tasks.registry`, so every run has the built-in heads and a checkpoint
+            fits whatever subset of tasks a run trains).
+    """
+
+    def __init__(self, encoder: BertModel, cfg: ModelConfig, tasks: Iterable[Task] | None = None):
         super().__init__()
         self.encoder = encoder
         self.design = cfg.design
         self.pooling = cfg.pooling
+        self.tasks: dict[str, Task] = {
+            t.name: t for t in (tasks if tasks is not None else BUILTIN.values())
+        }
         hidden = encoder.config.hidden_size
         pair_in = 3 * hidden if cfg.design == 1 else hidden
         head = {"hidden": cfg.head_hidden, "layers": cfg.head_layers, "dropout": cfg.head_dropout}
         self.heads = nn.ModuleDict(
             {
-                "sst": FeedForwardHead(hidden, NUM_SENTIMENT_CLASSES, **head),
-                "para": FeedForwardHead(pair_in, 1, **head),
-                "sts": FeedForwardHead(pair_in, 1, **head),
+                t.name: FeedForwardHead(pair_in if t.pair else hidden, t.num_outputs, **head)
+                for t in self.tasks.values()
             }
         )
 
@@ -148,8 +168,8 @@ class MultitaskBert(nn.Module):
             u, v = pooled.chunk(2)
             features = torch.cat([u, (u - v).abs(), v], dim=-1)
         logits = self.heads[task](features)
-        if task != "sst":
-            logits = logits.squeeze(-1)
+        if self.tasks[task].num_outputs == 1:
+            logits = logits.squeeze(-1)  # (batch,)
         return TaskOutput(logits=logits, embeddings=u)
 
 
@@ -177,69 +197,16 @@ def _stack_pair(
     return ids, mask, emb
 
 
-def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean loss of one batch: cross-entropy (sst), BCE on logits (para), MSE (sts)."""
-    if task == "sst":
-        return F.cross_entropy(logits.float(), labels)
-    if task == "para":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    if task == "sts":
-        return F.mse_loss(logits.float(), labels.float())
-    raise ValueError(f"unknown task {task!r}")
+def task_loss(task: Task | str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean loss of one batch (:meth:`mtl.tasks.Task.loss`)."""
+    return as_task(task).loss(logits, labels)
 
 
-def predict(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """Submission-format predictions: class 0..4, 0/1 paraphrase, raw similarity score."""
-    if task == "sst":
-        return logits.argmax(-1)
-    if task == "para":
-        return (logits > 0).long()
-    return logits.float()
+def predict(task: Task | str, logits: torch.Tensor) -> torch.Tensor:
+    """Submission-format predictions (:meth:`mtl.tasks.Task.predict`)."""
+    return as_task(task).predict(logits)
 
 
-def pearson_undefined(pred: np.ndarray, gold: np.ndarray) -> str | None:
-    """Why the Pearson correlation of ``pred`` and ``gold`` is undefined, or None when it is not.
-
-    It is undefined for fewer than two examples and when either side is constant (a zero
-    variance in the denominator).
-    """
-    pred = np.asarray(pred, dtype=np.float64)
-    gold = np.asarray(gold, dtype=np.float64)
-    if pred.size < 2:
-        return f"{pred.size} example{'' if pred.size == 1 else 's'}"
-    if np.ptp(pred) == 0:
-        return f"every prediction is {pred[0]:g}"
-    if np.ptp(gold) == 0:
-        return f"every gold score is {gold[0]:g}"
-    return None
-
-
-def pearson(pred: np.ndarray, gold: np.ndarray) -> float | None:
-    """Pearson correlation (``scipy.stats.pearsonr``); None when undefined (see
-    :func:`pearson_undefined`), never a number that looks real."""
-    if pearson_undefined(pred, gold) is not None:
-        return None
-    return float(stats.pearsonr(np.asarray(pred, np.float64), np.asarray(gold, np.float64))[0])
-
-
-def task_metric(task: str, pred: np.ndarray, gold: np.ndarray) -> float | None:
-    """sst and para: accuracy; sts: Pearson correlation (None when undefined)."""
-    if task == "sts":
-        return pearson(pred, gold)
-    return float((np.asarray(pred) == np.asarray(gold)).mean())
-
-
-METRIC_NAMES = TASK_METRICS
-
-
-def overall_score(metrics: Mapping[str, float | None]) -> float:
-    """The CS224N overall score ``(sst_acc + para_acc + (sts_pearson + 1) / 2) / 3``.
-
-    With fewer tasks configured, the mean over the tasks present (Pearson still rescaled). An
-    undefined Pearson correlation (None) counts as 0, i.e. no correlation, so the score stays a
-    number that checkpoint selection can compare; :func:`pearson_undefined` says why.
-    """
-    parts = [metrics[m] for m in ("sst_acc", "para_acc") if m in metrics]
-    if "sts_pearson" in metrics:
-        parts.append(((metrics["sts_pearson"] or 0.0) + 1.0) / 2.0)
-    return sum(parts) / len(parts)
+def task_metric(task: Task | str, pred: np.ndarray, gold: np.ndarray) -> float | None:
+    """The task's dev metric (:meth:`mtl.tasks.Task.score`; None when undefined)."""
+    return as_task(task).score(pred, gold)

@@ -78,6 +78,7 @@ from mtl.data import Batch
 
 if TYPE_CHECKING:
     from mtl.heads import MultitaskBert
+    from mtl.tasks import Task
 
 # ---------------------------------------------------------------------------------------------
 # Pure tensor math
@@ -111,26 +112,22 @@ def squared_error(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).mean()
 
 
-def divergence(task: str, logits: Tensor, other: Tensor) -> Tensor:
-    """l_s between two outputs of a task's head: symmetric KL (sst, para) or squared error (sts).
+def divergence(task: Task | str, logits: Tensor, other: Tensor) -> Tensor:
+    """l_s between two outputs of a task's head (:meth:`mtl.tasks.Task.divergence`): symmetric
+    KL of the class distributions (sst's softmax, para's binary logit) or squared error (sts).
 
     Args:
-        task: ``sst`` ((batch, 5) logits), ``para`` ((batch,) binary logits) or ``sts``
-            ((batch,) scores).
+        task: the task (or a built-in task's name), e.g. ``sst`` ((batch, 5) logits), ``para``
+            ((batch,) binary logits) or ``sts`` ((batch,) scores).
         logits: one output.
         other: the other output, same shape.
 
     Returns:
         A scalar, zero when the outputs are equal and positive otherwise.
     """
-    logits, other = _upcast(logits), _upcast(other)
-    if task == "sst":
-        return symmetric_kl(F.log_softmax(logits, -1), F.log_softmax(other, -1))
-    if task == "para":
-        return symmetric_kl(binary_log_probs(logits), binary_log_probs(other))
-    if task == "sts":
-        return squared_error(logits, other)
-    raise ValueError(f"unknown task {task!r}")
+    from mtl.tasks import as_task
+
+    return as_task(task).divergence(_upcast(logits), _upcast(other))
 
 
 def normalize(delta: Tensor, norm: str, epsilon: float) -> Tensor:
@@ -219,7 +216,9 @@ def adversarial_perturbation(
         delta = [d.requires_grad_() for d in delta]
         with torch.enable_grad():
             perturbed = [h + d for h, d in zip(hidden, delta, strict=True)]
-            div = divergence(batch.task, _perturbed_logits(model, batch, perturbed), target)
+            div = divergence(
+                model.tasks[batch.task], _perturbed_logits(model, batch, perturbed), target
+            )
             grads = torch.autograd.grad(div, delta)
         delta = [
             ascent_step(d, g, cfg.eta, cfg.norm, cfg.epsilon, cfg.update)
@@ -250,7 +249,9 @@ def smart_regularizer(
     hidden = [h for h in model.embedding_output(batch) if h is not None]
     delta = adversarial_perturbation(model, batch, hidden, clean_logits, cfg)
     perturbed = [h + d for h, d in zip(hidden, delta, strict=True)]
-    return divergence(batch.task, _perturbed_logits(model, batch, perturbed), clean_logits)
+    return divergence(
+        model.tasks[batch.task], _perturbed_logits(model, batch, perturbed), clean_logits
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ class Regularizer:
         if self.cfg.weight > 0:
             loss = loss + self.cfg.weight * r_s
         if self.teacher is not None:
-            bregman = divergence(batch.task, logits, self.teacher.logits(batch))
+            bregman = divergence(model.tasks[batch.task], logits, self.teacher.logits(batch))
             self._record(f"bregman_{batch.task}", bregman)
             if self.cfg.mu > 0:
                 loss = loss + self.cfg.mu * bregman

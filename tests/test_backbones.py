@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 from mtl.backbones import BackboneError, load_backbone
 from mtl.bert import CheckpointError, read_checkpoint
+from mtl.cli import main
 from mtl.config import build_config
-from mtl.train import load_data, main
+from mtl.train import load_data
 from tests.tiny import make_tiny_backbone
 
 LFS_POINTER = (

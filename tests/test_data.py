@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from mtl import data as D
+from mtl.cache import sha256_file
 from mtl.config import DataConfig
+from mtl.tasks import BUILTIN
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MTL_DATA_DIR", REPO.parent / "shared" / "data" / "cs224n"))
@@ -34,7 +36,7 @@ GOOD = {
 }
 PRESENT = [
     (task, split)
-    for task in D.TASK_FILES
+    for task in BUILTIN
     for split in D.SPLITS
     if (DATA_DIR / D.split_file(task, split)).is_file()
 ]
@@ -422,13 +424,11 @@ def test_load_task_data(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     assert all(len(e) == 20 for e in data.dev.values())
     expected_missing = [
         D.split_file(t, "test")
-        for t in D.TASK_FILES
+        for t in BUILTIN
         if not (DATA_DIR / D.split_file(t, "test")).is_file()
     ]
     assert data.missing == expected_missing
-    assert set(data.test) == {
-        t for t in D.TASK_FILES if D.split_file(t, "test") not in data.missing
-    }
+    assert set(data.test) == {t for t in BUILTIN if D.split_file(t, "test") not in data.missing}
     assert len(data.reports) == 9 - len(data.missing)
     assert "quora-train.csv: skipped 2 of 16189 rows" in caplog.text
     if data.missing:
@@ -542,7 +542,7 @@ def test_download_refuses_corrupted_file(served: Path, tmp_path: Path) -> None:
     ):
         D.download_data(cache, base_url=url, min_rows=SMALL_ROWS)
     message = str(err.value)
-    assert D.SHA256["sts-dev.csv"] in message and D._sha256(bad) in message
+    assert D.SHA256["sts-dev.csv"] in message and sha256_file(bad) in message
     assert "\n" not in message
     assert not (cache / "sts-dev.csv").exists()
     assert not any(p.name.endswith(".part") for p in cache.iterdir())
@@ -591,7 +591,7 @@ def _rows_of(raw: D.RawSplit) -> list[tuple]:
 @pytest.mark.parametrize(
     ("bom", "ending"), [(b"", b"\r"), (b"", b"\r\n"), (b"\xef\xbb\xbf", b"\r")]
 )
-@pytest.mark.parametrize(("task", "split"), [(t, s) for t in D.TASK_FILES for s in D.SPLITS])
+@pytest.mark.parametrize(("task", "split"), [(t, s) for t in BUILTIN for s in D.SPLITS])
 def test_any_line_ending_reads_like_lf(
     tmp_path: Path, task: str, split: str, bom: bytes, ending: bytes
 ) -> None:
@@ -641,7 +641,7 @@ def test_unclosed_quote_is_named_where_it_starts(tmp_path: Path) -> None:
     assert raw.report.examples == {"wrong column count over several lines (unclosed quote?)": [3]}
 
 
-@pytest.mark.parametrize("task", list(D.TASK_FILES))
+@pytest.mark.parametrize("task", list(BUILTIN))
 def test_test_row_that_is_not_utf8_stops_naming_file_and_line(tmp_path: Path, task: str) -> None:
     """A skipped test row would be an id missing from the submission."""
     name = D.split_file(task, "test")
@@ -665,9 +665,7 @@ def test_any_unusable_test_row_stops(tmp_path: Path, row: str, reason: str) -> N
         D.read_split(tmp_path, "sst", "test")
 
 
-@pytest.mark.parametrize(
-    ("task", "split"), [(t, s) for t in D.TASK_FILES for s in ("train", "dev")]
-)
+@pytest.mark.parametrize(("task", "split"), [(t, s) for t in BUILTIN for s in ("train", "dev")])
 def test_split_without_a_usable_row_stops(tmp_path: Path, task: str, split: str) -> None:
     """SST labels written as words: every row is skipped, and that is an error, not an empty set."""
     header, good = HEADERS[task], GOOD[task]

@@ -11,7 +11,8 @@ from scipy.stats import pearsonr
 
 from analysis import hf_baseline
 from mtl.data import read_split, subsample
-from mtl.heads import overall_score, task_metric
+from mtl.heads import task_metric
+from mtl.tasks import BUILTIN, overall_score
 
 
 def test_fine_tunes_each_task_on_the_local_split(
@@ -36,13 +37,14 @@ def test_fine_tunes_each_task_on_the_local_split(
 
 
 def test_scores_are_the_trainers_metrics() -> None:
-    # The baseline scores with mtl.heads.task_metric: Pearson as scipy computes it, None for
-    # constant predictions, accuracy for the classification tasks.
+    # The baseline scores with the trainer's task definitions (mtl.tasks): Pearson as scipy
+    # computes it, None for constant predictions, accuracy for the classification tasks.
     preds, gold = np.array([0.1, 0.4, 0.3, 0.9]), np.array([0.0, 2.0, 1.0, 5.0])
     assert task_metric("sts", preds, gold) == pytest.approx(float(pearsonr(preds, gold).statistic))
     assert task_metric("sts", np.zeros(4), gold) is None
     assert task_metric("sst", np.array([1, 2]), np.array([1, 3])) == 0.5
-    assert "task_metric(spec.name" in Path(hf_baseline.__file__).read_text()
+    assert tuple(BUILTIN.values()) == hf_baseline.TASKS
+    assert [hf_baseline.hf_num_labels(t) for t in hf_baseline.TASKS] == [5, 2, 1]
 
 
 def test_a_missing_data_folder_is_one_line_and_status_2(tmp_path: Path, capsys) -> None:

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from mtl import pal
 from mtl.bert import BertConfig, BertLayer, BertModel
+from mtl.build import build_model, param_groups
 from mtl.config import ConfigError, PalConfig, build_config
 from mtl.heads import task_loss
-from mtl.train import build_model, param_groups
 from tests.test_heads import _batch
 
 TASKS = ("sst", "para", "sts")

@@ -169,7 +169,8 @@ BAD_FILES = [
     (
         "unknown-objective",
         _space("objective: {metric: accuracy}"),
-        r"objective\.metric: Input should be 'overall', 'sst_acc', 'para_acc' or 'sts_pearson'",
+        r"objective\.metric: 'accuracy' is not a metric \(expected one of sst_acc, para_acc, "
+        r"sts_pearson, overall\)",
     ),
     (
         "grace-above-max-t",

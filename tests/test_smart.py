@@ -393,8 +393,9 @@ def test_perturbation_on_minilm_with_real_sentences_at_the_paper_settings(
     """
     from mtl import data as data_lib
     from mtl.backbones import resolve_backbone
+    from mtl.build import build_model
     from mtl.config import build_config
-    from mtl.train import build_model, load_data
+    from mtl.train import load_data
 
     data_cfg = {"data_dir": str(real_data_dir), "max_eval_examples": 64, "max_length": 64}
     cfg = build_config({"data": data_cfg})

@@ -13,7 +13,9 @@ import torch
 
 from mtl import data as data_lib
 from mtl.config import Config, build_config
-from mtl.train import DEV_PREDICTIONS_FILE, epoch_plan, eval_positions, load_data, train
+from mtl.evaluation import DEV_PREDICTIONS_FILE
+from mtl.schedule import epoch_plan, eval_positions
+from mtl.train import load_data, train
 
 
 def tiny_config(backbone: Path, data_dir: Path, out: Path, **sections: dict) -> Config:
@@ -110,8 +112,8 @@ def test_pretrain_mode_trains_heads_only(tiny_backbone: Path, real_data_dir: Pat
 
 
 def test_pretrain_mode_leaves_encoder_without_gradients(tiny_backbone: Path) -> None:
+    from mtl.build import build_model
     from mtl.heads import task_loss
-    from mtl.train import build_model
     from tests.test_heads import _batch
 
     cfg = build_config({"train": {"mode": "pretrain"}, "model": {"head_hidden": 8}})
@@ -261,7 +263,7 @@ def test_one_epoch_on_real_data_with_minilm(real_data_dir: Path, tmp_path: Path)
 def test_weights_given_in_memory_replace_the_file(tiny_backbone: Path) -> None:
     """What a search shares through Ray's object store is what the model starts from."""
     from mtl.bert import read_checkpoint
-    from mtl.train import build_model
+    from mtl.build import build_model
 
     state = read_checkpoint(tiny_backbone)
     state = {k: torch.full_like(v, 0.5) if "pooler" in k else v for k, v in state.items()}
@@ -273,7 +275,7 @@ def test_weights_given_in_memory_replace_the_file(tiny_backbone: Path) -> None:
 
 
 def test_accumulation_windows_are_cut_at_evaluations_and_the_epoch_end() -> None:
-    from mtl.train import accumulation_windows
+    from mtl.schedule import accumulation_windows
 
     assert accumulation_windows(13, [7, 13], 4) == [4, 3, 4, 2]
     assert accumulation_windows(12, [12], 1) == [1] * 12

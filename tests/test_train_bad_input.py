@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mtl import data as data_lib
-from mtl.train import main, train
+from mtl.cli import main
+from mtl.train import train
 from tests.test_backbones import LFS_POINTER
 from tests.test_train import tiny_config
 

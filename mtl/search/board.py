@@ -37,9 +37,9 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 
-from mtl.config import METRICS
 from mtl.search.space import BoolParam, CategoricalParam, DesignSpace, FloatParam, IntParam
 from mtl.search.trainable import trial_params
+from mtl.tasks import best_key
 
 FATES = ("completed", "stopped", "error")
 TRAINER_GROUP = "tb"  # the trainer's event folder inside a trial folder
@@ -47,7 +47,7 @@ STOPPED_TAG = "search/stopped_at"
 
 
 def objective_tag(metric: str) -> str:
-    return f"search/best_{metric}"
+    return f"search/{best_key(metric)}"
 
 
 def _kind(value: Any) -> type:
@@ -101,7 +101,7 @@ def experiment_summary(space: DesignSpace, extra: tuple[str, ...] = ()) -> summa
             display_name=f"dev/{m} (last evaluation)",
             dataset_type=hp.Metric.VALIDATION,
         )
-        for m in METRICS
+        for m in space.metrics
     ]
     experiment = api_pb2.Experiment(
         hparam_infos=infos,
@@ -167,7 +167,7 @@ class SearchBoard(TBXLoggerCallback):
             return  # not an evaluation (the non-finite loss report)
         step = int(step)
         writer = self._writer(trial)
-        best = result.get(f"best_{self._metric}")
+        best = result.get(best_key(self._metric))
         if best is not None and not math.isnan(best):
             writer.add_scalar(objective_tag(self._metric), best, step)
         if result.get("done"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,10 @@ import pyarrow.fs
 import yaml
 from ray import tune
 
-from mtl.config import METRICS, build_config
+from mtl.config import build_config
 from mtl.search.searcher import CLOSED_ATTR, RAY_TRIAL_ATTR
-from mtl.search.space import DesignSpace
-from mtl.search.trainable import NONFINITE_KEY, OUTCOME_FILE, trial_config_dict, trial_params
+from mtl.search.space import DesignSpace, trial_config_dict
+from mtl.search.trainable import NONFINITE_KEY, OUTCOME_FILE, trial_params
 
 RESULTS_FILE = "results.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
@@ -61,15 +62,16 @@ class TrialRow:
     optuna_number: int | None = None
     optuna_state: str = ""
 
-    def flat(self) -> dict[str, Any]:
+    def flat(self, metrics: Sequence[str]) -> dict[str, Any]:
+        """The row of results.csv; ``metrics``: the dev metrics' columns (``DesignSpace.metrics``)."""
         row: dict[str, Any] = {
             "trial_id": self.trial_id,
             "status": self.status,
             "reason": self.reason,
         }
         row.update({f"param.{k}": v for k, v in self.params.items()})
-        row.update({f"best.{k}": self.best.get(k, math.nan) for k in METRICS})
-        row.update({f"last.{k}": self.last.get(k, math.nan) for k in METRICS})
+        row.update({f"best.{k}": self.best.get(k, math.nan) for k in metrics})
+        row.update({f"last.{k}": self.last.get(k, math.nan) for k in metrics})
         row.update(
             epochs=self.epochs,
             evaluations=self.evaluations,
@@ -122,9 +124,10 @@ class Summary:
     def columns(self) -> list[str]:
         """results.csv's columns, whatever the trials: ``trial_id``, ``status``, ``reason``, one
         ``param.<name>`` per parameter in the design space's order, ``best.*`` and ``last.*`` in
-        :data:`mtl.config.METRICS` order, then the trial's bookkeeping."""
+        :attr:`DesignSpace.metrics` order, then the trial's bookkeeping."""
+        metrics = self.space.metrics
         params = [f"param.{name}" for name in self.space.parameters]
-        seen = {k for r in self.rows for k in r.flat() if k.startswith("param.")}
+        seen = {k for r in self.rows for k in r.flat(metrics) if k.startswith("param.")}
         extra = sorted(seen - set(params))  # grid keys without a parameter of that name
         fields = list(TrialRow.__dataclass_fields__)
         tail = fields[fields.index("epochs") :]
@@ -134,13 +137,14 @@ class Summary:
             "reason",
             *params,
             *extra,
-            *(f"best.{m}" for m in METRICS),
-            *(f"last.{m}" for m in METRICS),
+            *(f"best.{m}" for m in metrics),
+            *(f"last.{m}" for m in metrics),
             *tail,
         ]
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame([r.flat() for r in self.rows], columns=self.columns())
+        metrics = self.space.metrics
+        return pd.DataFrame([r.flat(metrics) for r in self.rows], columns=self.columns())
 
     def report(self, k: int = 5) -> str:
         counts = pd.Series([r.status for r in self.rows]).value_counts().to_dict()
@@ -156,7 +160,7 @@ class Summary:
                     {
                         "trial": r.trial_id,
                         "status": r.status,
-                        **{f"best.{m}": r.best.get(m) for m in METRICS},
+                        **{f"best.{m}": r.best.get(m) for m in self.space.metrics},
                         "evals": r.evaluations,
                         **r.params,
                     }
@@ -195,8 +199,8 @@ def _write_text(base: str, name: str, text: str) -> None:
         f.write(text.encode())
 
 
-def _metrics(row: pd.Series | dict) -> dict[str, float]:
-    return {m: float(row[m]) for m in METRICS if m in row and pd.notna(row[m])}
+def _metrics(row: pd.Series | dict, metrics: Sequence[str]) -> dict[str, float]:
+    return {m: float(row[m]) for m in metrics if m in row and pd.notna(row[m])}
 
 
 def _first_line(text: str) -> str:
@@ -225,6 +229,7 @@ def read_rows(space: DesignSpace, exp_path: str, study: optuna.Study | None) -> 
     by_ray_id = _optuna_states(study)
     closed = study.user_attrs.get(CLOSED_ATTR, {}) if study is not None else {}
     metric = space.objective.metric
+    metrics = space.metrics
     rows = []
     for trial in analysis.trials:
         df = frames.get(trial.trial_id, pd.DataFrame())
@@ -232,8 +237,8 @@ def read_rows(space: DesignSpace, exp_path: str, study: optuna.Study | None) -> 
         best: dict[str, float] = {}
         last: dict[str, float] = {}
         if len(evals):
-            last = _metrics(evals.iloc[-1])
-            best = _metrics(evals.loc[evals[metric].astype(float).idxmax()])
+            last = _metrics(evals.iloc[-1], metrics)
+            best = _metrics(evals.loc[evals[metric].astype(float).idxmax()], metrics)
         fs = trial.storage.storage_filesystem
         outcome = _read_text(fs, f"{trial.path}/{OUTCOME_FILE}")
         ot = by_ray_id.get(trial.trial_id)
@@ -300,8 +305,7 @@ def best_config(summary: Summary) -> dict[str, Any] | None:
     best = summary.best_row()
     if best is None:
         return None
-    paths = {n: summary.space.path_of(n) for n in summary.space.parameters}
-    raw = trial_config_dict(summary.space.trial_config({}), paths, best.params)
+    raw = trial_config_dict(summary.space.trial_config({}), summary.space.paths, best.params)
     return build_config(raw, "best config").to_dict()
 
 
@@ -348,7 +352,8 @@ def add_repeats(
     frame = pd.DataFrame(runs)
     _csv(summary.path, "repeats.csv", frame)
     done = frame[frame["status"] == "completed"]
-    stats = done.groupby("config")[[m for m in METRICS if m in done]].agg(["mean", "std", "count"])
+    metrics = [m for m in summary.space.metrics if m in done]
+    stats = done.groupby("config")[metrics].agg(["mean", "std", "count"])
     stats.columns = [f"{m}.{s}" for m, s in stats.columns]
     merged = pd.DataFrame(configs).merge(stats.reset_index(), on="config", how="left")
     _csv(summary.path, "repeats_summary.csv", merged)

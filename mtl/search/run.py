@@ -52,6 +52,7 @@ from mtl.search.trainable import (
     run_trial,
     trial_dirname,
 )
+from mtl.tasks import best_key
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,9 @@ def make_searcher(space: DesignSpace, study_url: str) -> PruningOptunaSearch:
     )
     return PruningOptunaSearch(
         space=functools.partial(suggest, space=space),
-        metric=f"best_{space.objective.metric}",
+        metric=best_key(space.objective.metric),
         objective=space.objective.metric,
+        metrics=space.metrics,
         mode=space.objective.mode,
         points_to_evaluate=[dict(p) for p in space.search.points_to_evaluate] or None,
         sampler=sampler,
@@ -238,7 +240,7 @@ def make_scheduler(space: DesignSpace) -> FIFOScheduler | EvaluationASHA:
         return FIFOScheduler()
     return EvaluationASHA(
         time_attr=STEP_KEY,
-        metric=f"best_{space.objective.metric}",
+        metric=best_key(space.objective.metric),
         mode=space.objective.mode,
         max_t=space.max_t,
         grace_period=sched.grace_period,
@@ -252,7 +254,7 @@ def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **k
     spec = TrialSpec(
         scratch=scratch_key(locate(space)),
         base=space.trial_config({}),
-        paths={name: space.path_of(name) for name in space.parameters},
+        paths=space.paths,
         metric=space.objective.metric,
         data_cache=data_cache,
         settings=_settings(space),
@@ -318,7 +320,7 @@ def run_tuner(
                 # transformers start-up (seconds per trial on CPU; see benchmarks/trial_startup.py).
                 reuse_actors=True,
                 trial_dirname_creator=trial_dirname,
-                metric=f"best_{space.objective.metric}" if grid else None,
+                metric=best_key(space.objective.metric) if grid else None,
                 mode=space.objective.mode if grid else None,
             ),
             run_config=make_run_config(space, exp, verbose),

@@ -35,12 +35,12 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from mtl.config import METRICS
 from mtl.search.trainable import TRIAL_FOLDER_KEY
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,12 @@ FATE_ATTRS = ("best", "fate", "reason", "trial_folder")
 class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch with PRUNED states for scheduler-stopped trials (see the module docstring)."""
 
-    def __init__(self, *args: Any, objective: str, **kwargs: Any) -> None:
-        """``objective``: the dev metric whose running best is the searcher's ``metric``."""
+    def __init__(self, *args: Any, objective: str, metrics: Sequence[str], **kwargs: Any) -> None:
+        """``objective``: the dev metric whose running best is the searcher's ``metric``;
+        ``metrics``: the dev metrics a trial reports (``DesignSpace.metrics``), kept for the
+        best evaluation in the trial's user attributes."""
         super().__init__(*args, **kwargs)
+        self._metrics = tuple(metrics)
         self._last_step: dict[str, int] = {}
         self._objective = objective
         self._best_dev: dict[str, dict[str, float]] = {}  # trial id -> dev metrics, best eval
@@ -82,7 +85,7 @@ class PruningOptunaSearch(OptunaSearch):
         if best is None or score > best[self._objective]:
             self._best_dev[trial_id] = {
                 m: float(result[m])
-                for m in (*METRICS, STEP_KEY)
+                for m in (*self._metrics, STEP_KEY)
                 if isinstance(result.get(m), int | float) and not math.isnan(result[m])
             }
 

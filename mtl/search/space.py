@@ -47,8 +47,9 @@ from mtl.config import (
     load_yaml,
     merge,
     parse_override,
-    unmeasured,
 )
+from mtl.schedule import evaluations_per_run
+from mtl.tasks import record_metrics, registry, unmeasured
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
@@ -187,9 +188,10 @@ class ExperimentSection(_Strict):
 
 
 class ObjectiveSection(_Strict):
-    # Dev metric the search ranks trials by; also the trainer's train.selection_metric.
-    metric: Literal["overall", "sst_acc", "para_acc", "sts_pearson"] = "overall"
-    # All four metrics are higher-is-better and the trainer keeps the highest, so only max.
+    # Dev metric the search ranks trials by; also the trainer's train.selection_metric: overall
+    # or a task's metric (sst_acc, para_acc, sts_pearson, a declared task's <name>_acc, ...).
+    metric: str = "overall"
+    # Every metric is higher-is-better and the trainer keeps the highest, so only max.
     mode: Literal["max"] = "max"
 
 
@@ -280,21 +282,32 @@ class DesignSpace(_Strict):
             return self.scheduler.max_t
         return evaluations_per_run(build_config(self.base))
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every dev metric a trial reports (``overall``, then each task's the base config
+        knows, built-in or declared): the columns of results.csv and the search's records."""
+        return record_metrics(registry(build_config(self.base).data).values())
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """Parameter name -> its config path (a parameter without one is a config key)."""
+        return {name: self.path_of(name) for name in self.parameters}
+
     def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The trainer config (as a dict) of one trial: base, then each parameter at its path."""
-        raw = dict(self.base)
-        for name, value in params.items():
-            raw = merge(raw, nest(self.path_of(name), value))
+        """The trainer config (as a dict) of one trial: base, then each parameter at its path
+        (:func:`trial_config_dict`), with the objective as the selection metric."""
+        raw = trial_config_dict(self.base, self.paths, params)
         return merge(raw, {"train": {"selection_metric": self.objective.metric}})
 
 
-def evaluations_per_run(cfg: Config) -> int:
-    """Dev evaluations in a full run of ``cfg`` (ignoring max_steps), as the trainer schedules them."""
-    epochs, every = cfg.train.epochs, cfg.train.eval_every
-    if every < 1:
-        return epochs * max(1, round(1 / every))
-    k = int(every)
-    return sum(1 for e in range(epochs) if (e + 1) % k == 0 or e + 1 == epochs)
+def trial_config_dict(base: dict, paths: dict[str, str], params: dict[str, Any]) -> dict:
+    """``base``, then each parameter at its path (a parameter without a path is a config key):
+    the one rule by which the driver (:meth:`DesignSpace.trial_config`) and each trial
+    (:mod:`mtl.search.trainable`) build a trial's trainer config."""
+    raw = dict(base)
+    for name, value in params.items():
+        raw = merge(raw, nest(paths.get(name, name), value))
+    return raw
 
 
 def nest(path: str, value: Any) -> dict[str, Any]:
@@ -411,7 +424,7 @@ def _check(space: DesignSpace) -> None:
         base = build_config(space.base, "base")
     except ConfigError as err:
         raise SpaceError(str(err)) from None
-    problem = unmeasured(space.objective.metric, base.data.tasks)
+    problem = unmeasured(space.objective.metric, registry(base.data).values(), base.data.tasks)
     if problem is not None:
         raise _fail("objective.metric", problem)
     selection = space.base.get("train", {}).get("selection_metric")

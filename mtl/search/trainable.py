@@ -47,7 +47,8 @@ from ray import tune
 
 from mtl import allocator
 from mtl.config import build_config, merge
-from mtl.search.space import nest
+from mtl.search.space import trial_config_dict
+from mtl.tasks import best_key
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +150,6 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     if POINT_KEY in config:
         return {**config[POINT_KEY], **{k: v for k, v in config.items() if k != POINT_KEY}}
     return dict(config)
-
-
-def trial_config_dict(spec_base: dict, paths: dict[str, str], params: dict[str, Any]) -> dict:
-    """base, then each parameter at its path (a parameter without a path is a config key)."""
-    raw = dict(spec_base)
-    for name, value in params.items():
-        raw = merge(raw, nest(paths.get(name, name), value))
-    return raw
 
 
 def data_key(cfg_dict: dict[str, Any]) -> str:
@@ -356,7 +349,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     run_dir = scratch_root() / spec.scratch / ctx.get_trial_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     node_id = ray.get_runtime_context().get_node_id()
-    best_key = f"best_{spec.metric}"
+    best = best_key(spec.metric)
     last: dict[str, float] = {}
 
     resume_from = None
@@ -395,7 +388,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         tune.report(
             {
                 NONFINITE_KEY: 1.0,
-                best_key: last.get(best_key, math.nan),
+                best: last.get(best, math.nan),
                 "error": str(err),
                 TRIAL_FOLDER_KEY: work_dir.name,
             }

@@ -1,0 +1,44 @@
+"""The on-disk cache shared by every module that keeps files between runs.
+
+One root (``$MTL_CACHE_DIR``, else ``~/.cache/mtl``), with a folder per user of it: the downloaded
+data (:mod:`mtl.data`, ``data/<commit>``) and the stage-1 encoders (:mod:`mtl.contrastive`,
+``stage1``); one content digest (sha256 of a file's bytes); one way to write a file so that a
+reader never sees it half-written (a temporary name in the same folder, then an atomic rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$MTL_CACHE_DIR``, else ``~/.cache/mtl``."""
+    root = os.environ.get("MTL_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "mtl"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file's bytes."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it to ``path`` atomically.
+
+    If ``write`` raises (say a download fails its check) or the rename fails, the temporary file
+    is removed and ``path`` is untouched: concurrent readers see the old file or the whole new
+    one, never a part.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
