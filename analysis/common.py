@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -467,3 +468,18 @@ def read_predictions(path: Path) -> pd.DataFrame:
             raise AnalysisError(f"{path}:{n}: expected 'id , value'")
         rows.append((parts[0], float(parts[1])))
     return pd.DataFrame(rows, columns=["id", "prediction"])
+
+
+def portable(exp: Experiment, text: str) -> str:
+    """``text`` with the experiment folder's absolute path written ``EXP`` and its storage
+    folder's ``EXP/..``, so that a committed report names no folder of the machine that made it.
+
+    A path inside the folder becomes ``EXP/<relative path>``; a path is replaced only whole (not
+    inside a longer folder name), and a storage folder that is the file-system root is kept.
+    """
+    folders = [(exp.path, "EXP")]
+    if exp.path.parent != exp.path.parent.parent:
+        folders.append((exp.path.parent, "EXP/.."))
+    for folder, name in folders:
+        text = re.sub(rf"(?<![\w.-]){re.escape(str(folder))}(?![\w.-])", name, text)
+    return text

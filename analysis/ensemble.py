@@ -48,6 +48,7 @@ from analysis.common import (
     load_experiment,
     markdown_table,
     out_dir,
+    portable,
     run_main,
     top_trial_ids,
 )
@@ -394,8 +395,8 @@ def run(
     )
     frame.to_csv(folder / "members.csv", index=False)
     summary = {
-        "experiment": str(exp.path),
-        "command": command,
+        "experiment": exp.name,
+        "command": portable(exp, command),
         "members": [m.trial_id for m in members],
         "selected": [members[i].trial_id for i in chosen],
         "greedy": [

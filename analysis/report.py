@@ -40,6 +40,7 @@ from analysis.common import (
     load_experiment,
     markdown_table,
     out_dir,
+    portable,
     read_predictions,
     run_main,
     save_figure,
@@ -288,7 +289,8 @@ def run(
     lines = [
         f"# Experiment {exp.name}",
         "",
-        f"Folder `{exp.path}`: {len(exp.results)} trials ("
+        f"`EXP` below is the experiment folder `{exp.name}` where the search wrote it. "
+        f"{len(exp.results)} trials ("
         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         + f"), ranked by dev {exp.metric}; a full trial runs {exp.max_t} evaluations.",
         "",
@@ -374,7 +376,7 @@ def run(
     ]
 
     report = folder / "report.md"
-    report.write_text("\n".join(lines))
+    report.write_text(portable(exp, "\n".join(lines)))
     return report
 
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         raise AnalysisError(str(err)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# The {len(ids)} best configurations of {exp.path} (trials {', '.join(ids)}), once each.\n"
+        f"# The {len(ids)} best configurations of experiment {exp.name} (trials {', '.join(ids)}), once each.\n"
         f"# Written by: {shlex.join(['python', '-m', 'analysis.retrain', *(argv or sys.argv[1:])])}\n"
     )
     path.write_text(header + yaml.safe_dump(raw, sort_keys=False))

@@ -690,8 +690,15 @@ def test_report_links_every_plot_and_table(analysis_experiments):
     # The best trial against the next ones, under "Best trials", before the tables.
     best = text.split("## Best trials")[1].split("## Tables")[0]
     assert "against the next ones" in best and "tables/top_trials_forest.png" in best
+    # No folder of the machine that made it: paths are relative to the experiment folder, EXP.
+    storage = str(exp.parent)
+    assert (
+        storage not in text and storage not in (folder / "ensemble" / "ensemble.json").read_text()
+    )
+    assert f"`EXP` below is the experiment folder `{exp.name}`" in text
+    assert "python -m analysis.tables EXP" in text
     # The command reruns the design space as it ran (the copy the search keeps in EXP).
-    rerun = re.search(r"python -m mtl\.search (\S+)", text)
+    rerun = re.search(r"python -m mtl\.search EXP/(\S+)", text)
     assert rerun is not None
     from mtl.search.space import load_space
 
@@ -699,7 +706,7 @@ def test_report_links_every_plot_and_table(analysis_experiments):
     # The copy is the resolved space: every default filled in, the study's location recorded.
     from mtl.search.experiment import canonical, resolve
 
-    assert canonical(load_space(rerun.group(1))) == canonical(resolve(original))
+    assert canonical(load_space(exp / rerun.group(1))) == canonical(resolve(original))
     assert "python -m analysis.ensemble" in text and "--top-k 2" in text
     # Figure 4: the label counts plotted are those of the ensemble's dev predictions and gold.
     sst = read_predictions(folder / "ensemble" / "sst-dev-output.csv")

@@ -116,7 +116,10 @@ def test_a_trial_that_reached_max_t_is_completed(tmp_path, tiny_backbone, real_d
     assert "ASHA: no rung below max_t 4" in proc.stdout
     exp = tmp_path / "results" / "maxt"
     df = pd.read_csv(exp / "results.csv")
-    assert list(df["status"]) == ["completed", "completed"]
+    resumed = killed_and_resumed["resumed"]
+    assert list(df["status"]) == ["completed", "completed"], (
+        resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    )
     assert list(df["evaluations"]) == [4, 4]
     assert all((Path(d) / "outcome.json").is_file() for d in df["trial_dir"])
     states = {t.params["lr"]: t.state for t in study_of(space).trials}
@@ -270,7 +273,10 @@ def test_resume_from_the_folder_finishes_the_saved_space(killed_and_resumed):
     saved = load_space(exp / "design_space.yaml")
     assert saved.base["train"]["epochs"] == 1
     df = pd.read_csv(exp / "results.csv")
-    assert list(df["status"]) == ["completed", "completed"]
+    resumed = killed_and_resumed["resumed"]
+    assert list(df["status"]) == ["completed", "completed"], (
+        resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    )
     assert list(df["evaluations"]) == [4, 4]  # the epochs-1 budget, also for the resumed trial
     evaluations = [r["evaluation"] for r in result_rows(killed_and_resumed["interrupted"])]
     assert evaluations == [1.0, 2.0, 3.0, 4.0]
