@@ -378,8 +378,14 @@ def take(split: _Split, keep: Sequence[int]) -> _Split:
     return replace(split, **picked)
 
 
+# The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
+EVAL_SUBSAMPLE_SEED = 0
+
+
 def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
-    """Deterministic subsample of ``n`` examples, kept in file order.
+    """Deterministic subsample of ``n`` examples, kept in file order (built on :func:`take`).
+
+    The training policy (seeded by the run); :func:`eval_subsample` is the dev and test one.
 
     Args:
         raw: The split.
@@ -396,6 +402,14 @@ def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
     gen = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(raw), generator=gen)[:n].sort().values.tolist()
     return take(raw, keep)
+
+
+def eval_subsample(raw: RawSplit, n: int | None) -> RawSplit:
+    """The dev or test subsample of ``n`` examples that every run is scored on, whatever its
+    seed (:func:`subsample` with :data:`EVAL_SUBSAMPLE_SEED`): runs under different seeds, the
+    ensemble of their checkpoints and the Hugging Face baseline see the same examples.
+    """
+    return subsample(raw, n, EVAL_SUBSAMPLE_SEED)
 
 
 # --------------------------------------------------------------------------- download
@@ -817,10 +831,6 @@ class TaskData:
     raw_train: dict[str, RawSplit] = field(default_factory=dict)
 
 
-# The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
-EVAL_SUBSAMPLE_SEED = 0
-
-
 def load_task_data(
     cfg: DataConfig,
     tokenizer: Any,
@@ -871,7 +881,7 @@ def load_task_data(
             else:
                 if split == "test":
                     data.test_rows[task] = len(raw)
-                raw = subsample(raw, cfg.max_eval_examples, EVAL_SUBSAMPLE_SEED)
+                raw = eval_subsample(raw, cfg.max_eval_examples)
             target = {"train": data.train, "dev": data.dev, "test": data.test}[split]
             target[task] = encode(raw, tokenizer, cfg.max_length, design)
     if data.missing:
