@@ -16,8 +16,9 @@ With ``--greedy`` the members are chosen from the top K by greedy forward select
 objective most, stop when none does. Its dev score has then been selected on dev and is
 optimistic; the report says so.
 
-Dev is the whole dev set unless ``--max-eval-examples`` subsamples it (with ``--seed``, as the
-trainer does); test is always whole. Written into ``EXP/analysis/ensemble/``: dev and test
+Dev is the whole dev set unless ``--max-eval-examples`` subsamples it: by default the examples
+the trainer scored every member on (:func:`mtl.data.eval_subsample`), another draw with
+``--seed``; test is always whole. Written into ``EXP/analysis/ensemble/``: dev and test
 predictions in the CS224N submission format for every test file present (``MISSING.txt`` names
 the absent ones), ``ensemble.json``, ``members.csv`` and ``table_6.md`` / ``.tex`` / ``.csv``.
 """
@@ -152,7 +153,7 @@ class EvalData:
 
     data_dir: Path
     max_eval_examples: int | None  # dev subsample (None: the whole dev set)
-    seed: int  # seeds the dev subsample, as the trainer's seed does
+    seed: int = data_lib.EVAL_SUBSAMPLE_SEED  # seeds the dev subsample (default: the trainer's)
 
 
 def encode_splits(cfg: Config, data: EvalData) -> dict[Key, data_lib.Encoded]:
@@ -432,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         "--max-eval-examples", type=int, help="subsample dev to N per task (default: all)"
     )
     parser.add_argument(
-        "--seed", type=int, help="seed of the dev subsample (default: the first member's)"
+        "--seed",
+        type=int,
+        default=data_lib.EVAL_SUBSAMPLE_SEED,
+        help="seed of the dev subsample (default: the trainer's, so the members' own dev examples)",
     )
     parser.add_argument(
         "--data-dir", help="CS224N data folder (default: the first member's data.data_dir)"
@@ -453,9 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = data_lib.resolve_data_dir(args.data_dir or first.data.data_dir)
     except data_lib.DataError as err:
         raise AnalysisError(f"{err} (pass --data-dir)") from None
-    data = EvalData(
-        data_dir, args.max_eval_examples, first.seed if args.seed is None else args.seed
-    )
+    data = EvalData(data_dir, args.max_eval_examples, args.seed)
     given = argv if argv is not None else sys.argv[1:]
     command = shlex.join(["python", "-m", "analysis.ensemble", *given])
     written, _ = run(exp, members, data, args.out, args.greedy, args.device, command)

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mtl.backbones import BackboneError, resolve_backbone
-from mtl.data import DataError, RawSplit, read_split, resolve_data_dir, subsample
+from mtl.data import DataError, RawSplit, eval_subsample, read_split, resolve_data_dir, subsample
 from mtl.tasks import BUILTIN, Task, overall_score
 
 TASKS: tuple[Task, ...] = tuple(BUILTIN.values())
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 subsample(
                     read_split(data_dir, BUILTIN[t], "train"), args.max_train_examples, args.seed
                 ),
-                subsample(read_split(data_dir, BUILTIN[t], "dev"), args.max_eval_examples, 0),
+                eval_subsample(read_split(data_dir, BUILTIN[t], "dev"), args.max_eval_examples),
             )
             for t in args.tasks
         }

@@ -644,9 +644,27 @@ class BertModel(nn.Module):
                 weights do not fit the config (see :meth:`load_hf_state_dict`); the message
                 names the folder.
         """
-        from mtl.backbones import read_config, resolve_backbone
+        from mtl.backbones import resolve_backbone
 
         folder = resolve_backbone(str(name_or_dir))
+        return cls.from_folder(folder, state_dict=state_dict, **config_overrides)
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        *,
+        state_dict: Mapping[str, Tensor] | None = None,
+        **config_overrides: Any,
+    ) -> BertModel:
+        """:meth:`from_pretrained` for a folder already resolved (a run resolves its backbone
+        once, :func:`mtl.backbones.load_backbone`, and builds its encoders from that folder).
+
+        Args, Returns and Raises as for :meth:`from_pretrained`; ``folder`` is used as it is.
+        """
+        from mtl.backbones import read_config
+
+        folder = Path(folder)
         config = dataclasses.replace(read_config(folder), **config_overrides)
         model = cls(config)
         if state_dict is None:

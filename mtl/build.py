@@ -25,14 +25,17 @@ def build_model(
     encoder_weights: Path | None = None,
     backbone_state: Mapping[str, torch.Tensor] | None = None,
 ) -> MultitaskBert:
-    """The encoder from its pretrained (or stage-1) weights, its PALs, and fresh heads."""
+    """The encoder from its pretrained (or stage-1) weights, its PALs, and fresh heads.
+
+    ``backbone_dir`` is a folder already resolved (:func:`mtl.backbones.resolve_backbone`).
+    """
     overrides: dict[str, Any] = {}
     if cfg.model.encoder_dropout is not None:
         overrides = {
             "hidden_dropout_prob": cfg.model.encoder_dropout,
             "attention_probs_dropout_prob": cfg.model.encoder_dropout,
         }
-    encoder = BertModel.from_pretrained(str(backbone_dir), state_dict=backbone_state, **overrides)
+    encoder = BertModel.from_folder(backbone_dir, state_dict=backbone_state, **overrides)
     if encoder_weights is not None:
         contrastive.load_encoder(encoder, encoder_weights)
     model = MultitaskBert(encoder, cfg.model, registry(cfg.data).values())

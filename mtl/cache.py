@@ -1,8 +1,9 @@
 """The on-disk cache shared by every module that keeps files between runs.
 
 One root (``$MTL_CACHE_DIR``, else ``~/.cache/mtl``), with a folder per user of it: the downloaded
-data (:mod:`mtl.data`, ``data/<commit>``) and the stage-1 encoders (:mod:`mtl.contrastive`,
-``stage1``); one content digest (sha256 of a file's bytes); one way to write a file so that a
+data (:mod:`mtl.data`, ``data/<commit>``), the stage-1 encoders (:mod:`mtl.contrastive`,
+``stage1``) and the Optuna studies of experiments on object storage
+(:mod:`mtl.search.experiment`, ``studies``); one content digest (sha256 of a file's bytes); one way to write a file so that a
 reader never sees it half-written (a temporary name in the same folder, then an atomic rename).
 """
 

@@ -50,7 +50,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mtl import data as data_lib
-from mtl.backbones import load_tokenizer, resolve_backbone
+from mtl.backbones import Backbone, load_backbone
 from mtl.bert import BertModel
 from mtl.cache import atomic_write, cache_root, sha256_file
 from mtl.config import Config, ContrastiveConfig
@@ -379,23 +379,27 @@ def _keep_ids(raw: data_lib.RawSplit, ids: set[str]) -> data_lib.RawSplit:
 
 def run_stage1(
     cfg: Config,
-    pool: Sequence[str],
+    pool: data_lib.RawSplit,
     device: torch.device | str = "cpu",
     autocast: Callable = contextlib.nullcontext,
     *,
-    backbone_dir: Path | None = None,
+    backbone: Backbone | None = None,
+    weights: Mapping[str, Tensor] | None = None,
     data_dir: Path | None = None,
 ) -> Stage1Result:
     """The stage-1 encoder for ``cfg``: from the cache, or trained now and cached.
 
     Args:
         cfg: the run's config (``contrastive``, ``model.backbone``, ``data.data_dir``, ``seed``).
-        pool: the ids of the Quora training pairs the run would train on without stage 1 (what
-            ``data.max_train_examples`` selected); stage 1 trains on ``contrastive.fraction`` of
-            them and stage 2 on the rest.
+        pool: the Quora training pairs the run would train on without stage 1 (what
+            ``data.max_train_examples`` selected), as read and untokenized; stage 1 trains on
+            ``contrastive.fraction`` of them and stage 2 on the rest.
         device: where to train on a cache miss.
         autocast: a context factory for mixed precision, as the training loop uses.
-        backbone_dir: ``model.backbone`` as the run resolved it (None: resolved here).
+        backbone: the run's backbone, already resolved and checked (None: loaded here,
+            :func:`mtl.backbones.load_backbone`).
+        weights: its pretrained weights already in memory (None: read from its folder on a
+            cache miss).
         data_dir: ``data.data_dir`` as the run resolved it (None: resolved here).
 
     Returns:
@@ -404,10 +408,10 @@ def run_stage1(
     c = cfg.contrastive
     if data_dir is None:
         data_dir = data_lib.resolve_data_dir(cfg.data.data_dir)
-    if backbone_dir is None:
-        backbone_dir = resolve_backbone(cfg.model.backbone)
-    stage1_ids, _ = split_ids(pool, c.fraction, cfg.seed)
-    key = cache_key(backbone_dir, c, data_dir, cfg.seed, sorted(stage1_ids))
+    if backbone is None:
+        backbone = load_backbone(cfg)
+    stage1_ids, _ = split_ids(pool.ids, c.fraction, cfg.seed)
+    key = cache_key(backbone.folder, c, data_dir, cfg.seed, sorted(stage1_ids))
     cache_dir = Path(c.cache_dir).expanduser() if c.cache_dir else default_cache_dir()
     path = cache_dir / f"{key}.safetensors"
     ids = frozenset(stage1_ids)
@@ -426,7 +430,10 @@ def run_stage1(
     try:
         if path.is_file():  # trained by the run that held the lock
             return hit()
-        record = _train_and_cache(cfg, backbone_dir, data_dir, stage1_ids, path, device, autocast)
+        train_raw = _keep_ids(pool, stage1_ids)
+        record = _train_and_cache(
+            cfg, backbone, weights, data_dir, train_raw, path, device, autocast
+        )
     finally:
         lock.release()
     log.info("stage 1: trained %d steps, cached %s", record["steps"], path)
@@ -443,27 +450,30 @@ def _try_acquire(lock: FileLock) -> bool:
 
 def _train_and_cache(
     cfg: Config,
-    backbone_dir: Path,
+    backbone: Backbone,
+    weights: Mapping[str, Tensor] | None,
     data_dir: Path,
-    stage1_ids: set[str],
+    train_raw: data_lib.RawSplit,
     path: Path,
     device: torch.device | str,
     autocast: Callable,
 ) -> dict:
-    """Train stage 1 and write it to ``path``; returns its record."""
+    """Train stage 1 on ``train_raw`` and write it to ``path``; returns its record.
+
+    The training pairs come from the run (no second read of Quora's training file); the
+    validation pairs are stage 1's own subsample of Quora's dev file, by ``cfg.seed``.
+    """
     c = cfg.contrastive
     started = time.time()
-    tokenizer = load_tokenizer(backbone_dir)
-    train_raw = _keep_ids(data_lib.read_split(data_dir, _QUORA, "train"), stage1_ids)
     val_raw = data_lib.subsample(
         data_lib.read_split(data_dir, _QUORA, "dev"), c.max_val_examples, cfg.seed
     )
-    train_set = data_lib.encode(train_raw, tokenizer, c.max_length, design=1)
-    val_set = data_lib.encode(val_raw, tokenizer, c.max_length, design=1)
+    train_set = data_lib.encode(train_raw, backbone.tokenizer, c.max_length, design=1)
+    val_set = data_lib.encode(val_raw, backbone.tokenizer, c.max_length, design=1)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
-        encoder = BertModel.from_pretrained(str(backbone_dir))
+        encoder = BertModel.from_folder(backbone.folder, state_dict=weights)
         state, record = train_stage1(
             encoder, train_set, val_set, c, cfg.seed, torch.device(device), autocast
         )
@@ -486,12 +496,14 @@ def stage1_for_run(
     data: data_lib.TaskData,
     device: torch.device,
     autocast: Callable,
-    backbone_dir: Path | None = None,
+    backbone: Backbone | None = None,
+    weights: Mapping[str, Tensor] | None = None,
 ) -> Stage1Result | None:
     """Stage 1 for a training run (None when ``contrastive.enabled`` is off).
 
-    ``backbone_dir`` and ``data.data_dir``: the folders the run resolved, so that a run resolves
-    its backbone and data folder once.
+    ``backbone`` (with ``weights``) and ``data.data_dir`` are what the run resolved and read,
+    so that a run resolves its backbone and data folder once, and reads Quora's training file
+    once: stage 1 takes its pairs' text from ``data.raw_train``.
 
     Stage 1 trains on ``contrastive.fraction`` of the Quora training pairs in ``data`` (the run's
     subsample) and stage 2 on the rest (:func:`exclude_stage1`). Writes ``stage1.json`` in the
@@ -500,10 +512,11 @@ def stage1_for_run(
     """
     if not cfg.contrastive.enabled:
         return None
-    pool = data.train[STAGE1_TASK].ids
+    raw = data.raw_train[STAGE1_TASK]
     result = run_stage1(
-        cfg, pool, device, autocast, backbone_dir=backbone_dir, data_dir=data.data_dir
+        cfg, raw, device, autocast, backbone=backbone, weights=weights, data_dir=data.data_dir
     )
+    pool = raw.ids
     stage2 = [i for i in pool if i not in result.ids]
     summary = {k: v for k, v in asdict(result).items() if k != "ids"}
     summary.update(

@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from mtl.cache import atomic_write, cache_root, sha256_file
-from mtl.tasks import BUILTIN, SPLITS, Task, as_task, configured
+from mtl.tasks import BUILTIN, SPLITS, STAGE1_TASK, Task, as_task, configured
 
 if TYPE_CHECKING:
     from mtl.config import DataConfig
@@ -364,8 +364,8 @@ def take(split: _Split, keep: Sequence[int]) -> _Split:
     subset of a split, read (:class:`RawSplit`) or tokenized (:class:`Encoded`). Every
     per-example field (a list or a tensor) is picked; the rest (task, split, report) is kept.
 
-    Used by :func:`subsample`, by the held-out ids of :func:`load_task_data`, and by the
-    contrastive stage's pairs (:mod:`mtl.contrastive`).
+    Used by :func:`subsample` and by the contrastive stage's pairs (:mod:`mtl.contrastive`:
+    stage 1's share of the run's Quora pairs, and stage 2's training split without them).
     """
     index = torch.as_tensor(list(keep), dtype=torch.long)
     picked: dict[str, Any] = {}
@@ -378,8 +378,14 @@ def take(split: _Split, keep: Sequence[int]) -> _Split:
     return replace(split, **picked)
 
 
+# The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
+EVAL_SUBSAMPLE_SEED = 0
+
+
 def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
-    """Deterministic subsample of ``n`` examples, kept in file order.
+    """Deterministic subsample of ``n`` examples, kept in file order (built on :func:`take`).
+
+    The training policy (seeded by the run); :func:`eval_subsample` is the dev and test one.
 
     Args:
         raw: The split.
@@ -396,6 +402,14 @@ def subsample(raw: RawSplit, n: int | None, seed: int) -> RawSplit:
     gen = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(raw), generator=gen)[:n].sort().values.tolist()
     return take(raw, keep)
+
+
+def eval_subsample(raw: RawSplit, n: int | None) -> RawSplit:
+    """The dev or test subsample of ``n`` examples that every run is scored on, whatever its
+    seed (:func:`subsample` with :data:`EVAL_SUBSAMPLE_SEED`): runs under different seeds, the
+    ensemble of their checkpoints and the Hugging Face baseline see the same examples.
+    """
+    return subsample(raw, n, EVAL_SUBSAMPLE_SEED)
 
 
 # --------------------------------------------------------------------------- download
@@ -800,6 +814,11 @@ class TaskData:
             :attr:`test` means its test predictions are not a whole submission.
         data_dir: The folder the files were read from (resolved once, :func:`resolve_data_dir`),
             for whatever else of the run reads it (stage 1).
+        raw_train: Task -> training split as read and subsampled, before tokenizing, for the one
+            task another stage tokenizes its own way: stage 1's Quora pairs
+            (:data:`mtl.tasks.STAGE1_TASK`, design 1 at ``contrastive.max_length``), so that a
+            run reads Quora's training file once. Only that task: its text is about 350 bytes a
+            pair in the heap, 48 MB for all 141,506 published pairs (benchmarks/RESULTS_data.md).
     """
 
     train: dict[str, Encoded]
@@ -809,10 +828,7 @@ class TaskData:
     missing: list[str]
     test_rows: dict[str, int] = field(default_factory=dict)
     data_dir: Path | None = None
-
-
-# The dev and test subsamples (``data.max_eval_examples``) do not depend on the run's seed.
-EVAL_SUBSAMPLE_SEED = 0
+    raw_train: dict[str, RawSplit] = field(default_factory=dict)
 
 
 def load_task_data(
@@ -820,12 +836,11 @@ def load_task_data(
     tokenizer: Any,
     design: int,
     seed: int,
-    exclude: dict[str, set[str]] | None = None,
 ) -> TaskData:
     """Read, validate, subsample and encode every split of ``cfg.tasks``.
 
-    Training splits lose the ids in ``exclude[task]`` (held out elsewhere, e.g. by the
-    contrastive stage) and are subsampled to ``cfg.max_train_examples``; dev and test splits are
+    Training splits are subsampled to ``cfg.max_train_examples`` (the stage-1 task's is also
+    kept untokenized, :attr:`TaskData.raw_train`); dev and test splits are
     subsampled to ``cfg.max_eval_examples`` with the fixed seed :data:`EVAL_SUBSAMPLE_SEED`, so runs
     under different seeds are scored on the same dev examples (their spread is training noise
     only, and paired comparisons see every example on both sides). Every report that skipped rows,
@@ -836,7 +851,6 @@ def load_task_data(
         tokenizer: A Hugging Face fast tokenizer.
         design: 1 or 2 (see :func:`encode`).
         seed: Seeds the training subsamples.
-        exclude: Task -> training ids to leave out.
 
     Returns:
         The encoded splits, reports and missing test files.
@@ -861,16 +875,13 @@ def load_task_data(
             if raw.report.duplicate_ids:
                 logger.warning("%s", raw.report.duplicates_warning())
             if split == "train":
-                dropped = (exclude or {}).get(task)
-                if dropped:
-                    before = len(raw)
-                    raw = take(raw, [i for i, x in enumerate(raw.ids) if x not in dropped])
-                    logger.info("%s: held out %d training examples", task, before - len(raw))
                 raw = subsample(raw, cfg.max_train_examples, seed)
+                if task == STAGE1_TASK:
+                    data.raw_train[task] = raw
             else:
                 if split == "test":
                     data.test_rows[task] = len(raw)
-                raw = subsample(raw, cfg.max_eval_examples, EVAL_SUBSAMPLE_SEED)
+                raw = eval_subsample(raw, cfg.max_eval_examples)
             target = {"train": data.train, "dev": data.dev, "test": data.test}[split]
             target[task] = encode(raw, tokenizer, cfg.max_length, design)
     if data.missing:

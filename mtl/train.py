@@ -148,7 +148,7 @@ def train(
     weights = backbone.read_weights(backbone_state)
     if data is None:
         data = load_data(cfg, backbone)
-    stage1 = contrastive.stage1_for_run(cfg, run_dir, data, device, autocast, backbone.folder)
+    stage1 = contrastive.stage1_for_run(cfg, run_dir, data, device, autocast, backbone, weights)
     data = contrastive.exclude_stage1(data, stage1)  # a filtered copy; the shared data is intact
     write_data_report(run_dir, data)
 

@@ -24,7 +24,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from analysis import ensemble, importance, paired, report, retrain, tables
 from analysis.common import METRICS, AnalysisError, load_experiment, read_predictions, run_main
 from mtl import data as data_lib
+from mtl.config import build_config
 from mtl.search.space import grid_points, load_space
+from mtl.train import load_data
 from tests.conftest import REPO
 from tests.experiment_fixture import Experiments, build_experiments
 from tests.test_search_run import run_cli
@@ -594,12 +596,7 @@ def _best_completed(exp: Path, design: int | None = None) -> pd.Series:
 
 
 def _ensemble(exp: Path, out: Path, *args: str) -> Path:
-    assert (
-        ensemble.main(
-            [str(exp), "--out", str(out), "--max-eval-examples", "64", "--seed", "0", *args]
-        )
-        == 0
-    )
+    assert ensemble.main([str(exp), "--out", str(out), "--max-eval-examples", "64", *args]) == 0
     return out / "ensemble"
 
 
@@ -633,6 +630,25 @@ def test_ensemble_of_one_or_two_identical_members_reproduces_the_member(
     assert "quora-test-student.csv" in (one / "MISSING.txt").read_text()
     header = (one / "sst-test-output.csv").read_text().splitlines()[0]
     assert header == "id \t Predicted_Sentiment "
+
+
+def test_ensemble_scores_on_the_trainers_dev_examples_whatever_the_seed(
+    tiny_backbone, real_data_dir
+):
+    """Without --seed the dev subsample is the one the trainer scored the members on."""
+    cfg = build_config(
+        {
+            "seed": 3,
+            "model": {"backbone": str(tiny_backbone)},
+            "data": {"data_dir": str(real_data_dir), "max_eval_examples": 24},
+        }
+    )
+    splits = ensemble.encode_splits(cfg, ensemble.EvalData(real_data_dir, 24))
+    trainer = load_data(cfg)
+    for task in cfg.data.tasks:
+        assert splits[(task, "dev")].ids == trainer.dev[task].ids
+    other = ensemble.encode_splits(cfg, ensemble.EvalData(real_data_dir, 24, seed=3))
+    assert other[("sst", "dev")].ids != trainer.dev["sst"].ids  # --seed: another draw
 
 
 def test_ensemble_averages_members_of_different_designs(analysis_experiments, tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtl import bert as bert_lib
 from mtl import contrastive
 from mtl import data as data_lib
 from mtl.config import Config, ContrastiveConfig, build_config
@@ -152,9 +155,9 @@ def test_split_is_disjoint_deterministic_and_order_free() -> None:
     assert contrastive.split_ids(ids, 0.15, seed=1)[0] != first
 
 
-def _pool(data_dir: Path, n: int = 160, seed: int = 5) -> list[str]:
-    """The Quora training ids a run with ``data.max_train_examples: n`` trains on."""
-    return data_lib.subsample(data_lib.read_split(data_dir, "para", "train"), n, seed).ids
+def _pool(data_dir: Path, n: int = 160, seed: int = 5) -> data_lib.RawSplit:
+    """The Quora training pairs a run with ``data.max_train_examples: n`` trains on."""
+    return data_lib.subsample(data_lib.read_split(data_dir, "para", "train"), n, seed)
 
 
 def _stage1_config(backbone: Path, data_dir: Path, cache: Path, **stage1: object) -> Config:
@@ -191,7 +194,8 @@ def test_stage1_fraction_is_held_out_of_quora_training(
         seed=cfg.seed,
     )
     before = list(shared.train["para"].ids)
-    result = contrastive.run_stage1(cfg, before)
+    assert shared.raw_train["para"].ids == before  # the text stage 1 reads is the run's pairs
+    result = contrastive.run_stage1(cfg, shared.raw_train["para"])
     # Equal data: stage 1 trains on 15% of exactly the run's 400 pairs, stage 2 on the rest.
     assert len(result.ids) == result.record["train_pairs"] == round(0.15 * len(before))
     stage2 = contrastive.exclude_stage1(shared, result)
@@ -292,3 +296,49 @@ def test_early_stopping_waits_patience_epochs(tiny_backbone: Path, real_data_dir
     state, record = contrastive.train_stage1(encoder, pairs, pairs, cfg, 0, torch.device("cpu"))
     assert record["epochs"] == 3 and record["steps"] == 6
     assert set(state) == set(encoder.state_dict())
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[tuple]:
+    """Record every call of ``module.name``, wherever an ``mtl`` module bound it by name."""
+    real = getattr(module, name)
+    calls: list[tuple] = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    for mod in [m for n, m in sys.modules.items() if n == "mtl" or n.startswith("mtl.")]:
+        if getattr(mod, name, None) is real:
+            monkeypatch.setattr(mod, name, counted)
+    return calls
+
+
+def test_a_run_resolves_its_backbone_and_data_once_and_reads_quora_train_once(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtl import backbones
+    from mtl.train import train
+    from tests.test_train import tiny_config
+
+    backbone_calls = _count_calls(monkeypatch, backbones, "resolve_backbone")
+    data_dir_calls = _count_calls(monkeypatch, data_lib, "resolve_data_dir")
+    reads = _count_calls(monkeypatch, data_lib, "read_split")
+    weights_reads = _count_calls(monkeypatch, bert_lib, "read_checkpoint")
+    cfg = tiny_config(
+        tiny_backbone,
+        real_data_dir,
+        tmp_path / "run",
+        contrastive={"enabled": True, "cache_dir": str(tmp_path / "cache"), "epochs": 1},
+    )
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "stage1.json").read_text())
+    assert not record["cache_hit"] and record["steps"] > 0  # a miss: stage 1 trained here
+    assert len(backbone_calls) == 1
+    assert len(data_dir_calls) == 1
+    assert len(weights_reads) == 1
+    files = [data_lib.split_file(task, split) for _, task, split in reads]
+    assert files.count("quora-train.csv") == 1
+    # Every training file once; stage 1's validation pairs are its own subsample of Quora dev.
+    assert sorted(f for f in files if "train" in f) == sorted(
+        data_lib.split_file(t, "train") for t in cfg.data.tasks
+    )

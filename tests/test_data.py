@@ -413,14 +413,17 @@ def test_batch_order_small_and_empty() -> None:
 
 def test_load_task_data(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     cfg = DataConfig(data_dir=str(DATA_DIR), max_train_examples=50, max_eval_examples=20)
-    quora_ids = D.read_split(DATA_DIR, "para", "train").ids
-    exclude = {"para": set(quora_ids[:-40])}
     with caplog.at_level(logging.WARNING, logger="mtl.data"):
-        data = D.load_task_data(cfg, tokenizer, design=2, seed=0, exclude=exclude)
+        data = D.load_task_data(cfg, tokenizer, design=2, seed=0)
     assert set(data.train) == set(data.dev) == {"sst", "para", "sts"}
-    assert len(data.train["sst"]) == len(data.train["sts"]) == 50
-    assert len(data.train["para"]) == 40
-    assert set(data.train["para"].ids) == set(quora_ids[-40:])
+    assert all(len(e) == 50 for e in data.train.values())
+    # Quora's training pairs are also kept as read, for stage 1; no other task's text is kept.
+    assert list(data.raw_train) == ["para"]
+    raw = data.raw_train["para"]
+    assert raw.ids == data.train["para"].ids and len(raw.text_a) == len(raw.text_b) == 50
+    quora = D.read_split(DATA_DIR, "para", "train")
+    first = quora.ids.index(raw.ids[0])
+    assert (raw.text_a[0], raw.text_b[0]) == (quora.text_a[first], quora.text_b[first])
     assert all(len(e) == 20 for e in data.dev.values())
     expected_missing = [
         D.split_file(t, "test")
@@ -433,10 +436,10 @@ def test_load_task_data(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     assert "quora-train.csv: skipped 2 of 16189 rows" in caplog.text
     if data.missing:
         assert "quora-test-student.csv" in caplog.text
-    again = D.load_task_data(cfg, tokenizer, design=2, seed=0, exclude=exclude)
+    again = D.load_task_data(cfg, tokenizer, design=2, seed=0)
     assert again.train["sst"].ids == data.train["sst"].ids
     # Another seed: another training subsample, the same dev examples (seeds compare on them).
-    other = D.load_task_data(cfg, tokenizer, design=2, seed=1, exclude=exclude)
+    other = D.load_task_data(cfg, tokenizer, design=2, seed=1)
     assert other.train["sst"].ids != data.train["sst"].ids
     assert all(other.dev[t].ids == data.dev[t].ids for t in data.dev)
 

@@ -16,7 +16,7 @@ import ray
 from mtl.config import build_config, merge
 from mtl.search.run import _settings, init_ray, make_trainable
 from mtl.search.space import parse_space
-from mtl.search.trainable import WARM_MODULES, DataCache, data_key
+from mtl.search.trainable import WARM_MODULES, DataCache, TrialSpec, _shared_data, data_key
 
 pytestmark = pytest.mark.slow
 
@@ -101,5 +101,23 @@ def test_a_failed_prefetch_leaves_the_error_to_the_trials(local_ray, tmp_path, t
         trial = merge(space.trial_config({}), _settings(space))
         with pytest.raises(ray.exceptions.RayTaskError, match="no-data: no such folder"):
             ray.get(cache.get.remote(data_key(trial), trial))
+    finally:
+        ray.kill(cache)
+
+
+@pytest.mark.parametrize("stage1", [True, False])
+def test_a_trial_keeps_quoras_text_only_for_stage1(
+    local_ray, tmp_path, tiny_backbone, real_data_dir, stage1
+) -> None:
+    cache = DataCache.remote()
+    try:
+        space = space_for(tmp_path, tiny_backbone, real_data_dir, LR)
+        trial = merge(space.trial_config({}), _settings(space))
+        spec = TrialSpec(base={}, paths={}, metric="overall", data_cache=cache)
+        data = _shared_data(spec, trial, stage1=stage1)
+        # The shared data holds the text (any trial may run stage 1); a trial without stage 1
+        # drops its copy.
+        assert list(data.raw_train) == (["para"] if stage1 else [])
+        assert len(data.train["para"]) == 32
     finally:
         ray.kill(cache)

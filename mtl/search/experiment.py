@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import optuna
 import pyarrow.fs
 import yaml
 
+from mtl.cache import cache_root
 from mtl.config import ConfigError, build_config, merge
 from mtl.search.space import DesignSpace, SpaceError, apply_overrides, parse_space
 
@@ -68,15 +68,11 @@ def _fs(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pyarrow.fs.LocalFileSystem(), path
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MTL_CACHE_DIR") or Path.home() / ".cache" / "mtl").expanduser()
-
-
 def default_study_url(storage_path: str, name: str) -> str:
     """The study's SQLite URL when ``experiment.study_storage`` is not set (see module doc)."""
     if is_uri(storage_path):
         digest = hashlib.sha1(storage_path.rstrip("/").encode()).hexdigest()[:12]
-        folder = _cache_dir() / "studies" / digest
+        folder = cache_root() / "studies" / digest
     else:
         folder = Path(storage_path)
     return f"sqlite:///{folder.resolve() / (name + '.optuna.db')}"

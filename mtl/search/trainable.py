@@ -271,15 +271,22 @@ def _shared_weights(spec: TrialSpec, backbone: str) -> dict[str, Any] | None:
     return {k: torch.tensor(v) for k, v in ray.get(ref).items()}
 
 
-def _shared_data(spec: TrialSpec, cfg_dict: dict[str, Any]):
+def _shared_data(spec: TrialSpec, cfg_dict: dict[str, Any], stage1: bool):
+    """The trial's copy of the shared data; None without a cache (the trial loads its own).
+
+    Only stage 1 reads the text kept in ``raw_train`` (Quora's pairs, about 350 bytes each in
+    the heap, benchmarks/raw_train_memory.py): a trial without it (``stage1`` False) lets its
+    copy go.
+    """
     if spec.data_cache is None:
         return None
     try:
         ref = ray.get(spec.data_cache.get.remote(data_key(cfg_dict), cfg_dict))[0]
-        return unpack(ray.get(ref))
+        data = unpack(ray.get(ref))
     except ray.exceptions.RayActorError as err:
         log.warning("data cache unavailable (%s); this trial loads its own data", err)
         return None
+    return data if stage1 else dataclasses.replace(data, raw_train={})
 
 
 def mirror(run_dir: Path, work_dir: Path) -> None:
@@ -362,7 +369,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         checkpoint.to_directory(str(resume_from))
         _purge_tensorboard(run_dir / "tb", resume_from)
 
-    data = _shared_data(spec, cfg_dict)
+    data = _shared_data(spec, cfg_dict, stage1=cfg.contrastive.enabled)
     weights = _shared_weights(spec, cfg.model.backbone)
     setup_s = time.time() - started
 
