@@ -217,13 +217,25 @@ def _read(path: str, fs: pyarrow.fs.FileSystem | None = None) -> str | None:
         return None
 
 
+def _yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise SpaceError(f"{where}:{line} invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: expected a mapping at the top level")
+    return raw
+
+
 def read_saved(exp_path: str) -> DesignSpace | None:
     """The space saved in the experiment folder (None: none saved)."""
     where = f"{exp_path.rstrip('/')}/{SPACE_FILE}"
     text = _read(where)
     if text is None:
         return None
-    return parse_space(yaml.safe_load(text) or {}, where)
+    return parse_space(_yaml(text, where), where)
 
 
 def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
@@ -236,7 +248,7 @@ def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
     text = _read(where)
     if text is None:
         raise SpaceError(f"{exp_dir}: no {SPACE_FILE}; resume it with its design-space file")
-    raw = yaml.safe_load(text) or {}
+    raw = _yaml(text, where)
     if overrides:
         try:
             raw = apply_overrides(raw, overrides)
