@@ -1,18 +1,20 @@
 """An experiment folder written by ``python -m mtl.search``, read once for every analysis.
 
-What is read (see :mod:`mtl.search.results` for ``results.csv``'s columns):
+The folder's format (file names, the reader of each trial's ``result.json``, the saved design
+space, where the study is) is :mod:`mtl.search.experiment`'s and ASHA's rungs are
+:mod:`mtl.search.scheduler`'s; this module is the analyses' view of what they read:
 
 * ``EXP/results.csv``: one row per trial: status, ``param.<name>``, ``best.<metric>``, evaluations,
-  best checkpoint and trial folder.
+  best checkpoint and trial folder (its columns: :mod:`mtl.search.results`).
 * ``EXP/<trial>/result.json``: Tune's record of every report, i.e. the dev metrics after every
   evaluation (a trial's learning curve, also for trials ASHA stopped).
 * ``EXP/<trial>/config.yaml``: the trainer config the trial ran (the trainer writes it).
 * ``EXP/repeats.csv``, ``EXP/repeats_summary.csv``: seed repeats of the top configurations.
-* The Optuna study (exact parameter values and searched ranges): where ``EXP/design_space.yaml``
-  records it (``experiment.study_storage``), else ``<storage>/<name>.optuna.db``.
-* The design-space file, when it can be found (``--space``, ``EXP/design_space.yaml``, or a YAML
-  file whose ``experiment`` section names this folder): the objective, ASHA's rungs and the
-  parameters' conditions. Without it the analyses still run and say what they could not know.
+* The design space: ``--space FILE``, else ``EXP/design_space.yaml`` (the search writes it before
+  the first trial): the objective, ASHA's rungs and the parameters' conditions. An older folder
+  without one still analyses; the analyses say what they could not know.
+* The Optuna study (exact parameter values and searched ranges): where the saved space records
+  it (``experiment.study_storage``), else ``<name>.optuna.db`` beside the folder.
 
 Paths recorded on the search machine are re-rooted into ``EXP`` when the folder has been moved
 (copied off a cluster, committed under ``results/``).
@@ -21,7 +23,6 @@ Paths recorded on the search machine are re-rooted into ``EXP`` when the folder 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import sys
@@ -41,14 +42,14 @@ import yaml
 
 from mtl import tasks as tasks_lib
 from mtl.config import ConfigError, build_config
+from mtl.search import experiment as experiment_folder
+from mtl.search.scheduler import asha_rungs
 from mtl.search.space import DesignSpace, load_space
 
 # The built-in tasks' metrics in the paper's column order (Tables 1 to 6) and their column names;
-# an experiment that declares a task has its own (Experiment.metrics, Experiment.column_names).
+# an experiment that declares a task has its own (ExperimentView.metrics, .column_names).
 METRICS: tuple[str, ...] = tasks_lib.metric_names(tasks_lib.BUILTIN.values())
 COLUMN_NAMES: dict[str, str] = tasks_lib.metric_titles(tasks_lib.BUILTIN.values())
-RESULTS_FILE = "results.csv"
-SPACE_COPY = "design_space.yaml"  # a copy of the design space inside EXP, if the search keeps one
 ANALYSIS_DIR = "analysis"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -72,8 +73,8 @@ def run_main(fn: Callable[[list[str] | None], int], argv: list[str] | None = Non
 
 
 @dataclass
-class Experiment:
-    """One experiment folder and what belongs to it."""
+class ExperimentView:
+    """What the analyses read of one experiment folder (:func:`load_experiment`)."""
 
     path: Path
     results: pd.DataFrame  # results.csv, one row per trial
@@ -121,7 +122,9 @@ class Experiment:
     def row(self, trial_id: str) -> pd.Series:
         rows = self.results[self.results["trial_id"] == trial_id]
         if rows.empty:
-            raise AnalysisError(f"{self.path}: no trial {trial_id!r} in {RESULTS_FILE}")
+            raise AnalysisError(
+                f"{self.path}: no trial {trial_id!r} in {experiment_folder.RESULTS_FILE}"
+            )
         return rows.iloc[0]
 
     def params(self, trial_id: str) -> dict[str, Any]:
@@ -150,11 +153,13 @@ class Experiment:
         return self.local(str(value)) if isinstance(value, str) and value else None
 
     def history(self, trial_id: str) -> pd.DataFrame:
-        """Dev metrics after every evaluation of a trial (Tune's result.json), one row each."""
+        """Dev metrics after every evaluation of a trial (Tune's result.json), one row each:
+        columns ``evaluation``, ``epoch``, ``step`` and :attr:`metrics` (NaN where unreported)."""
         if trial_id not in self._history:
-            self._history[trial_id] = read_history(
-                self.trial_dir(trial_id) / "result.json", self.metrics
-            )
+            reports = experiment_folder.read_reports(str(self.trial_dir(trial_id)))
+            columns = ["evaluation", "epoch", "step", *self.metrics]
+            frame = experiment_folder.evaluations(reports).reindex(columns=columns)
+            self._history[trial_id] = frame.astype({"evaluation": int})
         return self._history[trial_id]
 
     def trial_config(self, trial_id: str) -> dict[str, Any] | None:
@@ -179,45 +184,17 @@ class Experiment:
 
     @property
     def rungs(self) -> list[int] | None:
-        """ASHA's rungs (evaluations at which it compares trials); None without the space or
-        with the fifo scheduler."""
+        """The evaluations at which ASHA compared trials (the first at or past each of its
+        rungs, :func:`mtl.search.scheduler.asha_rungs`); None without the space or with the fifo
+        scheduler."""
         if self.space is None or self.space.scheduler.type != "asha":
             return None
         sched = self.space.scheduler
-        return asha_rungs(sched.grace_period, sched.reduction_factor, self.space.max_t)
+        found = asha_rungs(self.space.max_t, sched.grace_period, sched.reduction_factor)
+        return [math.ceil(r) for r in found]
 
     def status_counts(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.results["status"].value_counts().items()}
-
-
-def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
-    """The milestones of Ray Tune's ASHAScheduler (one bracket), smallest first.
-
-    Ray's ``_Bracket`` keeps ``int(log(max_t / grace) / log(rf) + 1)`` rungs at
-    ``grace * rf ** k``; the last one may equal ``max_t``.
-    """
-    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
-    return [int(grace_period * reduction_factor**k) for k in range(count)]
-
-
-def read_history(path: Path, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
-    """Every evaluation reported in a Tune ``result.json`` (a retried trial's last report wins)."""
-    columns = ["evaluation", "epoch", "step", *metrics]
-    if not path.is_file():
-        return pd.DataFrame(columns=columns)
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            report = json.loads(line)
-            if report.get("evaluation") is not None:
-                rows.append({c: report.get(c, math.nan) for c in columns})
-    frame = pd.DataFrame(rows, columns=columns)
-    frame["evaluation"] = frame["evaluation"].astype(int)
-    return (
-        frame.drop_duplicates("evaluation", keep="last")
-        .sort_values("evaluation")
-        .reset_index(drop=True)
-    )
 
 
 def _scalar(value: Any) -> Any:
@@ -225,18 +202,22 @@ def _scalar(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def load_experiment(path: str | Path, space: str | Path | None = None) -> Experiment:
-    """Read an experiment folder; raises :class:`AnalysisError` for a folder that is not one."""
+def load_experiment(path: str | Path, space: str | Path | None = None) -> ExperimentView:
+    """Read an experiment folder; raises :class:`AnalysisError` for a folder that is not one.
+
+    ``space``: the design-space file (``--space``); default ``EXP/design_space.yaml``, and none
+    when the folder has none (an experiment older than that file).
+    """
     if "://" in str(path):
         raise AnalysisError(f"{path}: only local folders; copy the experiment here first")
     exp_dir = Path(path).expanduser()
     if not exp_dir.is_dir():
         raise AnalysisError(f"{exp_dir}: no such folder")
     exp_dir = exp_dir.resolve()
-    results_path = exp_dir / RESULTS_FILE
+    results_path = exp_dir / experiment_folder.RESULTS_FILE
     if not results_path.is_file():
         raise AnalysisError(
-            f"{exp_dir}: no {RESULTS_FILE}; not an experiment folder, or its search has not "
+            f"{exp_dir}: no {experiment_folder.RESULTS_FILE}; not an experiment folder, or its search has not "
             "ended (python -m mtl.search FILE --resume writes it)"
         )
     try:
@@ -250,11 +231,14 @@ def load_experiment(path: str | Path, space: str | Path | None = None) -> Experi
     if results.empty:
         raise AnalysisError(f"{results_path}: no trials")
 
-    space_obj, space_file = find_space(exp_dir, space)
-    exp = Experiment(path=exp_dir, results=results, space=space_obj, space_file=space_file)
+    space_obj, space_file = read_space(exp_dir, space)
+    exp = ExperimentView(path=exp_dir, results=results, space=space_obj, space_file=space_file)
     exp.study = _load_study(exp)
-    for name in ("repeats", "repeats_summary"):
-        csv = exp_dir / f"{name}.csv"
+    for name, file in (
+        ("repeats", experiment_folder.REPEATS_FILE),
+        ("repeats_summary", experiment_folder.REPEATS_SUMMARY_FILE),
+    ):
+        csv = exp_dir / file
         if csv.is_file():
             setattr(exp, name, pd.read_csv(csv, dtype={"trial_id": str}))
     exp.metric = _objective(exp)
@@ -262,7 +246,7 @@ def load_experiment(path: str | Path, space: str | Path | None = None) -> Experi
 
 
 def top_trial_ids(
-    exp: Experiment,
+    exp: ExperimentView,
     top_k: int | None,
     include_stopped: bool = False,
     metric: str | None = None,
@@ -287,7 +271,7 @@ def top_trial_ids(
     return list(pool.sort_values(f"best.{metric}", ascending=False)["trial_id"][:top_k])
 
 
-def _objective(exp: Experiment) -> str:
+def _objective(exp: ExperimentView) -> str:
     if exp.space is not None:
         return exp.space.objective.metric
     for trial_id in exp.results["trial_id"]:
@@ -297,62 +281,31 @@ def _objective(exp: Experiment) -> str:
     return "overall"
 
 
-def _load_study(exp: Experiment) -> optuna.Study | None:
-    url = None
-    if exp.space is not None and exp.space.experiment.study_storage:
-        url = exp.space.experiment.study_storage
-    else:
-        db = exp.path.parent / f"{exp.name}.optuna.db"
-        if db.is_file():
-            url = f"sqlite:///{db}"
-    if url is None:
-        return None
-    try:
-        return optuna.load_study(study_name=exp.name, storage=url)
-    except (KeyError, ValueError, RuntimeError, ImportError):  # no such study in that storage
-        return None
-
-
-def find_space(exp_dir: Path, given: str | Path | None) -> tuple[DesignSpace | None, Path | None]:
-    """The design space of ``exp_dir``: ``given``, else a copy in the folder, else a YAML file
-    (beside the storage folder, in the working directory or its search_spaces/) whose
-    ``experiment`` section names this folder. A ``-smoke`` experiment gets the smoke budget."""
-    if given is not None:
+def _load_study(exp: ExperimentView) -> optuna.Study | None:
+    for url in experiment_folder.study_urls(exp.path, exp.space):
+        db = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+        if db is not None and not Path(db).is_file():
+            continue  # a recorded location not on this machine: opening it would create it
         try:
-            space = load_space(given)
-        except ConfigError as err:
-            raise AnalysisError(str(err)) from None
-        return _smoke(space, exp_dir), Path(given)
-    candidates = [exp_dir / SPACE_COPY]
-    for folder in (exp_dir.parent.parent, Path.cwd()):
-        candidates += sorted(folder.glob("*.yaml"))
-    candidates += sorted((Path.cwd() / "search_spaces").rglob("*.yaml"))
-    for path in candidates:
-        if path.is_file() and _names(path, exp_dir):
-            try:
-                return _smoke(load_space(path), exp_dir), path
-            except ConfigError:
-                continue
-    return None, None
+            return optuna.load_study(study_name=exp.name, storage=url)
+        except (KeyError, ValueError, RuntimeError, ImportError):  # no such study in that storage
+            continue
+    return None
 
 
-def _names(path: Path, exp_dir: Path) -> bool:
-    """Whether the YAML at ``path`` is a design space whose experiment is ``exp_dir``."""
-    if path.parent == exp_dir:
-        return True
+def read_space(exp_dir: Path, given: str | Path | None) -> tuple[DesignSpace | None, Path | None]:
+    """The design space of ``exp_dir`` and its file: ``given`` (``--space``), else the one the
+    search saved in the folder (``design_space.yaml``), else none. A ``-smoke`` experiment read
+    with its original file gets the smoke budget; raises :class:`AnalysisError` for a file that
+    is not a valid design space."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return False
-    section = raw.get("experiment") if isinstance(raw, dict) else None
-    if not isinstance(section, dict):
-        return False
-    if exp_dir.name not in (section.get("name"), f"{section.get('name')}-smoke"):
-        return False
-    storage = Path(str(section.get("storage_path", "ray_results"))).expanduser()
-    if storage.is_absolute():
-        return storage.resolve() == exp_dir.parent
-    return exp_dir.parent.as_posix().endswith(storage.as_posix().strip("/"))
+        if given is not None:
+            return _smoke(load_space(given), exp_dir), Path(given)
+        saved = experiment_folder.read_saved(str(exp_dir))
+    except ConfigError as err:
+        hint = "" if given is not None else " (pass the experiment's file with --space)"
+        raise AnalysisError(f"{err}{hint}") from None
+    return (saved, exp_dir / experiment_folder.SPACE_FILE) if saved is not None else (None, None)
 
 
 def _smoke(space: DesignSpace, exp_dir: Path) -> DesignSpace:
@@ -367,7 +320,7 @@ def _smoke(space: DesignSpace, exp_dir: Path) -> DesignSpace:
 # Output
 
 
-def out_dir(exp: Experiment, out: str | None, *sub: str) -> Path:
+def out_dir(exp: ExperimentView, out: str | None, *sub: str) -> Path:
     """``EXP/analysis[/sub]`` or ``out[/sub]``, created."""
     base = Path(out) if out is not None else exp.path / ANALYSIS_DIR
     path = base.joinpath(*sub)
@@ -470,7 +423,7 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "prediction"])
 
 
-def portable(exp: Experiment, text: str) -> str:
+def portable(exp: ExperimentView, text: str) -> str:
     """``text`` with the experiment folder's absolute path written ``EXP`` and its storage
     folder's ``EXP/..``, so that a committed report names no folder of the machine that made it.
 

@@ -43,7 +43,7 @@ from analysis.common import (
     COLUMN_NAMES,
     METRICS,
     AnalysisError,
-    Experiment,
+    ExperimentView,
     fmt,
     latex_table,
     load_experiment,
@@ -91,7 +91,7 @@ class Outputs:
 
 
 def select_members(
-    exp: Experiment,
+    exp: ExperimentView,
     top_k: int | None,
     trial_ids: list[str] | None = None,
     include_stopped: bool = False,
@@ -344,7 +344,7 @@ def _table_files(
 
 
 def run(
-    exp: Experiment,
+    exp: ExperimentView,
     members: list[Member],
     data: EvalData,
     out: str | None = None,
@@ -443,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--out", help="output folder (default EXP/analysis)")
-    parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    parser.add_argument(
+        "--space",
+        help="the design-space file (default: EXP/design_space.yaml, saved by the search)",
+    )
     args = parser.parse_args(argv)
     if (args.top_k is None) == (args.members is None):
         raise AnalysisError("give exactly one of --top-k K and --members ID,ID,...")

@@ -48,7 +48,7 @@ from optuna.search_space import intersection_search_space
 
 from analysis.common import (
     AnalysisError,
-    Experiment,
+    ExperimentView,
     load_experiment,
     markdown_table,
     out_dir,
@@ -121,7 +121,7 @@ def _inferred(values: pd.Series) -> BaseDistribution:
     )
 
 
-def trial_parameters(exp: Experiment) -> tuple[dict, dict, str]:
+def trial_parameters(exp: ExperimentView) -> tuple[dict, dict, str]:
     """Parameter values and searched ranges per trial: from the Optuna study (exact), else the
     design space, else guessed from results.csv."""
     params: dict[str, dict[str, Any]] = {}
@@ -153,7 +153,9 @@ def trial_parameters(exp: Experiment) -> tuple[dict, dict, str]:
     return params, dists, source
 
 
-def rung_scores(exp: Experiment, rung: int | None = None, metric: str | None = None) -> RungScores:
+def rung_scores(
+    exp: ExperimentView, rung: int | None = None, metric: str | None = None
+) -> RungScores:
     """Each trial's best ``metric`` up to ``rung`` evaluations (default: the largest rung that
     every trial that did not fail reached)."""
     metric = metric or exp.metric
@@ -223,7 +225,7 @@ def _fanova(study: optuna.Study, seed: int) -> dict[str, float]:
     return {name: float(v) for name, v in found.items()}
 
 
-def importance(scores: RungScores, exp: Experiment | None = None, seed: int = 0) -> Importance:
+def importance(scores: RungScores, exp: ExperimentView | None = None, seed: int = 0) -> Importance:
     """fANOVA over every trial at the rung, and the conditional parameters it leaves out."""
     ids = list(scores.frame["trial_id"])
     study = _study(scores, ids)
@@ -388,7 +390,7 @@ def plot_parameter(
     return save_figure(fig, data, folder / f"param_{_safe(name)}.png"), warning
 
 
-def plot_learning_curves(exp: Experiment, metric: str, folder: Path) -> Path:
+def plot_learning_curves(exp: ExperimentView, metric: str, folder: Path) -> Path:
     """Every trial's dev ``metric`` per evaluation, ASHA's rungs as vertical lines."""
     rows = []
     for _, row in exp.results.iterrows():
@@ -444,7 +446,7 @@ def plot_learning_curves(exp: Experiment, metric: str, folder: Path) -> Path:
 
 
 def run(
-    exp: Experiment, out: str | None = None, rung: int | None = None, seed: int = 0
+    exp: ExperimentView, out: str | None = None, rung: int | None = None, seed: int = 0
 ) -> tuple[list[Path], list[str]]:
     """Write every importance output of ``exp``; returns the files and the boundary warnings."""
     folder = out_dir(exp, out, "importance")
@@ -531,7 +533,10 @@ def main(argv: list[str] | None = None) -> int:
         "the largest rung every trial reached)",
     )
     parser.add_argument("--out", help="output folder (default EXP/analysis)")
-    parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    parser.add_argument(
+        "--space",
+        help="the design-space file (default: EXP/design_space.yaml, saved by the search)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of fANOVA's random forest")
     args = parser.parse_args(argv)
     exp = load_experiment(args.exp, args.space)

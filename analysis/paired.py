@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.common import COLUMN_NAMES, AnalysisError, Experiment, save_figure
+from analysis.common import COLUMN_NAMES, AnalysisError, ExperimentView, save_figure
 from mtl.evaluation import DEV_PREDICTIONS_FILE
 from mtl.tasks import BUILTIN, OVERALL, Task, metric_names
 
@@ -61,7 +61,7 @@ MIN_SHARED = 10  # fewer dev examples in common (per task and seed pair): not co
 def read_dev_predictions(path: Path, tasks: Mapping[str, Task] = BUILTIN) -> pd.DataFrame:
     """A ``dev_predictions.csv``: columns task, id, prediction, gold (one row per dev example).
 
-    ``tasks``: the tasks the run may have predicted (:attr:`Experiment.tasks`).
+    ``tasks``: the tasks the run may have predicted (:attr:`ExperimentView.tasks`).
 
     Raises:
         AnalysisError: the file is unreadable or lacks a column (one line naming the file).
@@ -79,7 +79,7 @@ def read_dev_predictions(path: Path, tasks: Mapping[str, Task] = BUILTIN) -> pd.
     return frame
 
 
-def prediction_file(exp: Experiment, trial_id: str) -> Path | None:
+def prediction_file(exp: ExperimentView, trial_id: str) -> Path | None:
     """The run folder's ``dev_predictions.csv`` of a trial (of the search, or of its seed
     repeats, which live in the ``<name>-repeats`` folder beside it); None when absent."""
     if (exp.results["trial_id"] == trial_id).any():
@@ -265,7 +265,7 @@ def compare(
         resamples: bootstrap resamples and permutations (scipy's default 9999).
         seed: seeds both tests (``numpy.random.default_rng(seed)``); every metric is computed
             from the same resampled examples and the same permutations.
-        tasks: the tasks the runs may have predicted (:attr:`Experiment.tasks`).
+        tasks: the tasks the runs may have predicted (:attr:`ExperimentView.tasks`).
 
     Returns:
         One :class:`Comparison` per metric present (per task, then overall), and
@@ -393,7 +393,7 @@ def forest_plot(
     """Each comparison's difference with its 95% interval, one panel per task and overall.
 
     ``frame``: one row per comparison with ``comparison`` and ``<metric>_diff/_low/_high/
-    _significant`` columns; ``columns``: metric -> its name (:attr:`Experiment.column_names`).
+    _significant`` columns; ``columns``: metric -> its name (:attr:`ExperimentView.column_names`).
     Written with its data beside it (same name, .csv).
     """
     metrics = [m for m in columns if f"{m}_diff" in frame and frame[f"{m}_diff"].notna().any()]

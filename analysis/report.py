@@ -34,7 +34,7 @@ from analysis import paired
 from analysis import tables as tables_lib
 from analysis.common import (
     AnalysisError,
-    Experiment,
+    ExperimentView,
     fmt,
     fmt_param,
     load_experiment,
@@ -52,7 +52,7 @@ from mtl.tasks import Task
 # Predictions against gold
 
 
-def prediction_source(exp: Experiment, folder: Path) -> tuple[Path | None, str]:
+def prediction_source(exp: ExperimentView, folder: Path) -> tuple[Path | None, str]:
     """The folder of dev predictions to analyse, and a sentence saying whose they are."""
     ensemble = folder / "ensemble"
     if (ensemble / "ensemble.json").is_file():
@@ -210,7 +210,7 @@ def _image(path: Path, base: Path) -> str:
     return f"![{path.stem}]({path.relative_to(base).as_posix()})"
 
 
-def _top_trials(exp: Experiment, k: int = 5) -> str:
+def _top_trials(exp: ExperimentView, k: int = 5) -> str:
     metric = exp.metric
     done = exp.results[exp.results[f"best.{metric}"].notna() & (exp.results["status"] != "error")]
     top = done.sort_values(f"best.{metric}", ascending=False).head(k)
@@ -243,7 +243,7 @@ def _table_section(md: Path, written: list[Path], folder: Path) -> list[str]:
     return [rebase_links(text, prefix), "Files: " + files, ""]
 
 
-def _commands(exp: Experiment, folder: Path) -> list[str]:
+def _commands(exp: ExperimentView, folder: Path) -> list[str]:
     space = str(exp.space_file) if exp.space_file is not None else "DESIGN_SPACE.yaml"
     smoke = " --smoke" if exp.name.endswith("-smoke") else ""
     exp_arg = shlex.quote(str(exp.path))
@@ -260,7 +260,7 @@ def _commands(exp: Experiment, folder: Path) -> list[str]:
 
 
 def run(
-    exp: Experiment,
+    exp: ExperimentView,
     out: str | None = None,
     data_dir: str | None = None,
     resamples: int = paired.DEFAULT_RESAMPLES,
@@ -380,7 +380,7 @@ def run(
     return report
 
 
-def _data_dir(exp: Experiment, folder: Path, given: str | None) -> Path | None:
+def _data_dir(exp: ExperimentView, folder: Path, given: str | None) -> Path | None:
     if given:
         return Path(given)
     candidates = []
@@ -407,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", help="CS224N data folder with the dev labels (default: the trials')"
     )
     parser.add_argument("--out", help="output folder (default EXP/analysis)")
-    parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    parser.add_argument(
+        "--space",
+        help="the design-space file (default: EXP/design_space.yaml, saved by the search)",
+    )
     parser.add_argument(
         "--resamples",
         type=int,

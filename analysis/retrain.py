@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", help=f"the design-space file to write (default EXP/analysis/{RETRAIN_FILE})"
     )
-    parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    parser.add_argument(
+        "--space",
+        help="the design-space file (default: EXP/design_space.yaml, saved by the search)",
+    )
     add_set_argument(parser, "base.data.max_train_examples=null")
     args = parser.parse_args(argv)
 

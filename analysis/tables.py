@@ -39,7 +39,7 @@ from analysis.common import (
     COLUMN_NAMES,
     METRICS,
     AnalysisError,
-    Experiment,
+    ExperimentView,
     fmt,
     latex_table,
     load_experiment,
@@ -142,7 +142,7 @@ PAPER_TABLES, PAPER_TABLE_6 = load_paper()
 # Trials -> rows
 
 
-def trials_frame(exp: Experiment) -> pd.DataFrame:
+def trials_frame(exp: ExperimentView) -> pd.DataFrame:
     """results.csv with each trial's configuration keys and label (trials whose config cannot be
     read are left out, with a warning)."""
     rows, unknown = [], []
@@ -168,7 +168,7 @@ def trials_frame(exp: Experiment) -> pd.DataFrame:
     return frame
 
 
-def seed_runs(exp: Experiment, trial_id: str) -> pd.DataFrame | None:
+def seed_runs(exp: ExperimentView, trial_id: str) -> pd.DataFrame | None:
     """Completed runs of ``trial_id``'s parameters with other seeds (itself included), or None."""
     if exp.repeats is not None and (exp.repeats["trial_id"] == trial_id).any():
         config = exp.repeats.loc[exp.repeats["trial_id"] == trial_id, "config"].iloc[0]
@@ -194,7 +194,7 @@ def seed_runs(exp: Experiment, trial_id: str) -> pd.DataFrame | None:
     )
 
 
-def _path(exp: Experiment, name: str) -> str:
+def _path(exp: ExperimentView, name: str) -> str:
     if exp.space is not None and name in exp.space.parameters:
         return exp.space.path_of(name)
     return name
@@ -204,7 +204,7 @@ def summarize(
     trials: pd.DataFrame,
     groups: list[tuple[str, pd.Series]],
     metric: str,
-    exp: Experiment | None = None,
+    exp: ExperimentView | None = None,
 ) -> pd.DataFrame:
     """One row per ``(label, mask over trials)``: counts, the best trial and its metrics, and the
     mean and standard deviation over its seed runs (with ``exp``)."""
@@ -250,7 +250,7 @@ def display(
     summary: pd.DataFrame, max_t: int, columns: dict[str, str] = COLUMN_NAMES
 ) -> tuple[pd.DataFrame, list[str]]:
     """The table as the paper prints it (strings), and its footnotes; ``columns``: metric ->
-    column name (:attr:`Experiment.column_names`)."""
+    column name (:attr:`ExperimentView.column_names`)."""
     marks: set[str] = set()
     rows = []
     for r in summary.to_dict("records"):
@@ -303,7 +303,7 @@ ORDER: dict[str, list[Any]] = {
 SIGNIFICANT_MARK = "*"
 
 
-def row_runs(exp: Experiment, trial_id: str) -> dict[int, str]:
+def row_runs(exp: ExperimentView, trial_id: str) -> dict[int, str]:
     """seed -> trial id: the completed seed runs of ``trial_id``'s parameters (itself included),
     or the trial alone under its config's seed."""
     runs = seed_runs(exp, trial_id)
@@ -323,7 +323,7 @@ def seed_pairs(a: dict[int, str], b: dict[int, str]) -> list[tuple[int, str, str
 
 
 def compare_runs(
-    exp: Experiment,
+    exp: ExperimentView,
     base: dict[int, str],
     variant: dict[int, str],
     source: str,
@@ -388,7 +388,7 @@ def one_choice_pairs(keys: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
 
 
 def comparisons(
-    exp: Experiment,
+    exp: ExperimentView,
     summary: pd.DataFrame,
     keys: list[dict[str, Any]],
     resamples: int,
@@ -424,7 +424,7 @@ def comparisons(
 
 
 def top_trial_comparisons(
-    exp: Experiment, metric: str, resamples: int, seed: int, k: int = 5
+    exp: ExperimentView, metric: str, resamples: int, seed: int, k: int = 5
 ) -> pd.DataFrame:
     """The best trial (by ``metric``; completed first, as the tables choose) against each of the
     next ``k - 1``: ``best - other`` on the dev examples, one trial (one seed) per side."""
@@ -530,7 +530,7 @@ def _mask(trials: pd.DataFrame, keys: dict[str, Any]) -> pd.Series:
     return mask
 
 
-def paper_tables(trials: pd.DataFrame, metric: str, exp: Experiment | None = None):
+def paper_tables(trials: pd.DataFrame, metric: str, exp: ExperimentView | None = None):
     """(table, summary) for each paper table whose distinguishing setting some trial has."""
     out = []
     for table in PAPER_TABLES:
@@ -546,7 +546,7 @@ def paper_tables(trials: pd.DataFrame, metric: str, exp: Experiment | None = Non
     return out
 
 
-def configurations_summary(trials: pd.DataFrame, metric: str, exp: Experiment | None = None):
+def configurations_summary(trials: pd.DataFrame, metric: str, exp: ExperimentView | None = None):
     """Every configuration present, best first."""
     labels = list(dict.fromkeys(trials["configuration"]))
     summary = summarize(
@@ -593,7 +593,7 @@ def paper_block(table: PaperTable) -> str:
 
 
 def run(
-    exp: Experiment,
+    exp: ExperimentView,
     out: str | None = None,
     metric: str | None = None,
     resamples: int = paired.DEFAULT_RESAMPLES,
@@ -635,7 +635,7 @@ def run(
 
 
 def write_top_trials(
-    exp: Experiment, folder: Path, metric: str, resamples: int, seed: int
+    exp: ExperimentView, folder: Path, metric: str, resamples: int, seed: int
 ) -> list[Path]:
     """``top_trials``.md (with its comparisons), .csv, .tex and forest plot: is the best trial
     better than each of the next ones, or a tie on these dev examples?"""
@@ -674,7 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("exp", help="experiment folder written by python -m mtl.search")
     parser.add_argument("--out", help="output folder (default EXP/analysis)")
-    parser.add_argument("--space", help="the design-space file (default: found by experiment name)")
+    parser.add_argument(
+        "--space",
+        help="the design-space file (default: EXP/design_space.yaml, saved by the search)",
+    )
     parser.add_argument("--metric", help="rank by this dev metric (default: the objective)")
     parser.add_argument(
         "--resamples",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from analysis import ensemble, importance, paired, report, retrain, tables
 from analysis.common import METRICS, AnalysisError, load_experiment, read_predictions, run_main
 from mtl import data as data_lib
 from mtl.config import build_config
+from mtl.search.scheduler import asha_rungs
 from mtl.search.space import grid_points, load_space
 from mtl.train import load_data
 from tests.conftest import REPO
@@ -790,6 +792,84 @@ def test_retrain_with_a_bad_override_leaves_no_file(analysis_experiments, tmp_pa
 def _no_results(tmp_path: Path) -> str:
     (tmp_path / "empty").mkdir()
     return str(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder is read through mtl.search.experiment, as the search wrote it
+
+
+def _copy(exp: Path, root: Path) -> Path:
+    """The experiment folder copied under ``root/results``, its recorded trial folders re-pointed
+    at the copy's (as after copying it off the search machine)."""
+    copy = root / "results" / exp.name
+    shutil.copytree(exp, copy)
+    results = pd.read_csv(copy / "results.csv", dtype={"trial_id": str})
+    results["trial_dir"] = [str(copy / Path(d).name) for d in results["trial_dir"]]
+    results.to_csv(copy / "results.csv", index=False)
+    return copy
+
+
+def test_the_space_is_the_saved_one_or_given_never_guessed(
+    analysis_experiments, tmp_path, monkeypatch
+):
+    exp = analysis_experiments.search
+    assert load_experiment(exp).space_file == exp / "design_space.yaml"
+    assert load_experiment(exp).study is not None  # where design_space.yaml records it
+
+    # A folder without design_space.yaml, beside a file whose experiment section names it: the
+    # file is not taken; the analyses run and say what they could not know.
+    copy = _copy(exp, tmp_path)
+    (copy / "design_space.yaml").unlink()
+    raw = yaml.safe_load(analysis_experiments.search_space.read_text())
+    raw["experiment"]["storage_path"] = "results"
+    (tmp_path / "analysis.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    bare = load_experiment(copy)
+    assert bare.space is None and bare.space_file is None and bare.rungs is None
+    assert bare.study is None  # no analysis.optuna.db beside the copy
+    assert importance.main([str(copy), "--out", str(tmp_path / "out")]) == 0
+    assert "ranges guessed" in (tmp_path / "out/importance/importance.md").read_text()
+    given = load_experiment(copy, tmp_path / "analysis.yaml")
+    assert given.space_file == tmp_path / "analysis.yaml" and given.rungs == [1, 2]
+
+    # The study copied beside the folder is found when the recorded location is not here.
+    saved = yaml.safe_load((exp / "design_space.yaml").read_text())
+    saved["experiment"]["study_storage"] = f"sqlite:///{tmp_path}/gone/analysis.optuna.db"
+    (copy / "design_space.yaml").write_text(yaml.safe_dump(saved))
+    shutil.copy(exp.parent / "analysis.optuna.db", copy.parent)
+    moved = load_experiment(copy)
+    assert moved.study is not None and len(moved.study.trials) == len(moved.results)
+    assert not (tmp_path / "gone").exists()  # looking did not create it
+
+    # A saved space that is not one is named, with the way out.
+    for text, problem in (("a: [", "line 1 invalid YAML"), ("- 1\n", "expected a mapping")):
+        (copy / "design_space.yaml").write_text(text)
+        with pytest.raises(AnalysisError, match=re.escape(problem) + ".*--space"):
+            load_experiment(copy)
+    assert load_experiment(copy, tmp_path / "analysis.yaml").space is not None
+
+
+def test_rungs_are_the_schedulers(analysis_experiments):
+    exp = load_experiment(analysis_experiments.search)
+    sched = exp.space.scheduler
+    assert exp.rungs == asha_rungs(exp.max_t, sched.grace_period, sched.reduction_factor)
+    assert exp.rungs == [1, 2]  # max_t 4: no rung at max_t, a trial there runs to its end
+
+
+def test_a_report_cut_by_a_crash_is_left_out(analysis_experiments, tmp_path):
+    copy = _copy(analysis_experiments.search, tmp_path)
+    results = pd.read_csv(copy / "results.csv", dtype={"trial_id": str})
+    trial = results[results["status"] == "completed"].iloc[0]
+    before = load_experiment(copy).history(trial["trial_id"])
+    reports = Path(trial["trial_dir"]) / "result.json"
+    last = json.loads(reports.read_text().splitlines()[-1])
+    with reports.open("a") as f:  # the retried attempt's report of the last evaluation, then a cut
+        f.write(json.dumps({**last, "overall": 0.0}) + "\n" + '{"evaluation": 9, "over')
+    after = load_experiment(copy).history(trial["trial_id"])
+    assert list(after["evaluation"]) == list(before["evaluation"])  # no evaluation 9
+    assert after["overall"].iloc[-1] == 0.0  # the later report of an evaluation wins
+    pd.testing.assert_frame_equal(after.iloc[:-1], before.iloc[:-1])
+    assert importance.main([str(copy), "--out", str(tmp_path / "out")]) == 0
 
 
 @pytest.mark.parametrize(

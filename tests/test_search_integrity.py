@@ -19,7 +19,7 @@ from ray.tune.schedulers.async_hyperband import _Bracket
 
 from mtl.search import results as results_lib
 from mtl.search.results import Summary, TrialRow
-from mtl.search.scheduler import EvaluationASHA
+from mtl.search.scheduler import EvaluationASHA, asha_rungs
 from mtl.search.space import load_space, parse_space
 from tests.test_search_run import (
     _cli,
@@ -95,6 +95,7 @@ def test_asha_rungs_are_rays_below_max_t(max_t, grace, rf):
     )
     rays = sorted(m for m, _ in _Bracket(grace, max_t, rf, 0)._rungs)
     assert ours.rungs == [m for m in rays if m < max_t]
+    assert asha_rungs(max_t, grace, rf) == ours.rungs  # what the analyses draw and score at
 
 
 def test_a_trial_that_reached_max_t_is_completed(tmp_path, tiny_backbone, real_data_dir):

@@ -1,4 +1,10 @@
-"""Where an experiment lives: its folder, the design space it runs, and its Optuna study.
+"""Where an experiment lives and what its folder holds: the one owner of the folder's format.
+
+The search writes the folder and :mod:`analysis.common` reads it back, both through this module:
+its file names (:data:`RESULTS_FILE` and the others below), the reader of a trial's reports
+(:func:`read_reports`, :func:`evaluations`), the saved design space (:func:`read_saved`) and where
+the study is (:func:`study_urls`). ASHA's rungs belong to the scheduler
+(:func:`mtl.search.scheduler.asha_rungs`).
 
 An experiment is the folder ``<storage_path>/<name>`` (a local or shared folder, or a URI such as
 ``s3://bucket/path``) and, unless it is a grid, the Optuna study ``<name>`` at
@@ -19,12 +25,14 @@ An experiment is the folder ``<storage_path>/<name>`` (a local or shared folder,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import pyarrow.fs
 import yaml
 
@@ -35,6 +43,12 @@ from mtl.search.space import DesignSpace, SpaceError, apply_overrides, parse_spa
 log = logging.getLogger(__name__)
 
 SPACE_FILE = "design_space.yaml"  # the resolved design space, written before the first trial
+RESULTS_FILE = "results.csv"  # one row per trial (mtl.search.results.Summary.columns)
+BEST_CONFIG_FILE = "best_config.yaml"  # the best trial's trainer config
+TOP_FILE = "top_trials.txt"  # the table printed at the end of a search
+REPEATS_FILE = "repeats.csv"  # with search.repeats: every run of the top configurations
+REPEATS_SUMMARY_FILE = "repeats_summary.csv"  # their mean, std and count per configuration
+REPORTS_FILE = "result.json"  # in each trial folder: Ray Tune's record of every report, one a line
 REPEATS_SUFFIX = "-repeats"  # <name>-repeats: the seed repeats of the top configurations
 STATE_PREFIX = "experiment_state-"  # Ray Tune's experiment state files: what --resume restores
 # Keys that locate the experiment: they are how its saved space was found, not part of the search.
@@ -190,13 +204,25 @@ def match_saved(space: DesignSpace) -> DesignSpace:
     return space
 
 
-def _read(path: str) -> str | None:
-    fs, root = _fs(path)
+def _read(path: str, fs: pyarrow.fs.FileSystem | None = None) -> str | None:
+    fs, root = _fs(path) if fs is None else (fs, path)
     try:
         with fs.open_input_stream(root) as f:
             return f.readall().decode()
     except (FileNotFoundError, OSError):
         return None
+
+
+def _yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise SpaceError(f"{where}:{line} invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: expected a mapping at the top level")
+    return raw
 
 
 def read_saved(exp_path: str) -> DesignSpace | None:
@@ -205,7 +231,7 @@ def read_saved(exp_path: str) -> DesignSpace | None:
     text = _read(where)
     if text is None:
         return None
-    return parse_space(yaml.safe_load(text) or {}, where)
+    return parse_space(_yaml(text, where), where)
 
 
 def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
@@ -218,7 +244,7 @@ def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
     text = _read(where)
     if text is None:
         raise SpaceError(f"{exp_dir}: no {SPACE_FILE}; resume it with its design-space file")
-    raw = yaml.safe_load(text) or {}
+    raw = _yaml(text, where)
     if overrides:
         try:
             raw = apply_overrides(raw, overrides)
@@ -242,6 +268,59 @@ def write_saved(space: DesignSpace, exp: Experiment) -> None:
     text = yaml.safe_dump(canonical(space), sort_keys=False)
     with fs.open_output_stream(f"{root}/{SPACE_FILE}") as f:
         f.write(text.encode())
+
+
+def study_urls(exp_dir: str | Path, saved: DesignSpace | None) -> list[str]:
+    """Where the study of the experiment folder ``exp_dir`` may be, most likely first.
+
+    The location its saved space recorded (``experiment.study_storage``), then
+    ``<name>.optuna.db`` beside the folder (:func:`default_study_url`): where the search keeps it,
+    and where a folder copied off its machine finds the copy of its study.
+    """
+    path = Path(exp_dir)
+    urls = [saved.experiment.study_storage] if saved and saved.experiment.study_storage else []
+    beside = default_study_url(str(path.parent), path.name)
+    return urls if beside in urls else [*urls, beside]
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial's reports
+
+
+def read_reports(trial_path: str, fs: pyarrow.fs.FileSystem | None = None) -> list[dict[str, Any]]:
+    """Every report a trial made, in order, from its ``result.json``.
+
+    ``trial_path``: the trial folder, a local path or URI, or a path in ``fs`` (Ray's
+    ``trial.storage.storage_filesystem`` with ``trial.path``).
+
+    One JSON object a line, as Ray Tune appends them: a retried trial's reports follow its first
+    attempt's, so an evaluation may appear twice. A line cut by a crash (the last one, unparsable)
+    is left out; no file is no report.
+    """
+    text = _read(f"{trial_path.rstrip('/')}/{REPORTS_FILE}", fs)
+    reports = []
+    for line in (text or "").splitlines():
+        try:
+            report = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(report, dict):
+            reports.append(report)
+    return reports
+
+
+def evaluations(reports: list[dict[str, Any]]) -> pd.DataFrame:
+    """The reports that carry an evaluation (the trainer's ``evaluation`` key), one row per
+    evaluation in order: a retried trial's later report of an evaluation replaces the earlier.
+    Columns: every key the reports hold (nested ones as ``a/b``), ``evaluation`` as int."""
+    rows = [r for r in reports if r.get("evaluation") is not None]
+    frame = pd.json_normalize(rows, sep="/") if rows else pd.DataFrame(columns=["evaluation"])
+    frame["evaluation"] = frame["evaluation"].astype(int)
+    return (
+        frame.drop_duplicates("evaluation", keep="last")
+        .sort_values("evaluation", kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

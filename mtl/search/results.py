@@ -1,6 +1,7 @@
 """The results of an experiment: ``results.csv``, ``best_config.yaml`` and the top-trials table.
 
-Files written into the experiment folder:
+Files written into the experiment folder (their names, and the reader of each trial's
+``result.json``, are :mod:`mtl.search.experiment`'s):
 
 * ``results.csv``: one row per trial, in a fixed column order (:meth:`Summary.columns`): its status (``completed``, ``stopped`` by ASHA or the time
   budget, ``error``, or ``unfinished`` when the driver stopped first) and the reason, every
@@ -34,13 +35,18 @@ import yaml
 from ray import tune
 
 from mtl.config import build_config
+from mtl.search.experiment import (
+    BEST_CONFIG_FILE,
+    REPEATS_FILE,
+    REPEATS_SUMMARY_FILE,
+    RESULTS_FILE,
+    TOP_FILE,
+    evaluations,
+    read_reports,
+)
 from mtl.search.searcher import CLOSED_ATTR, RAY_TRIAL_ATTR
 from mtl.search.space import DesignSpace, trial_config_dict
 from mtl.search.trainable import NONFINITE_KEY, OUTCOME_FILE, trial_params
-
-RESULTS_FILE = "results.csv"
-BEST_CONFIG_FILE = "best_config.yaml"
-TOP_FILE = "top_trials.txt"
 
 
 @dataclass
@@ -225,21 +231,21 @@ def _optuna_states(study: optuna.Study | None) -> dict[str, optuna.trial.FrozenT
 def read_rows(space: DesignSpace, exp_path: str, study: optuna.Study | None) -> list[TrialRow]:
     """One :class:`TrialRow` per trial of the experiment at ``exp_path``."""
     analysis = tune.ExperimentAnalysis(exp_path)
-    frames = analysis.trial_dataframes
     by_ray_id = _optuna_states(study)
     closed = study.user_attrs.get(CLOSED_ATTR, {}) if study is not None else {}
     metric = space.objective.metric
     metrics = space.metrics
     rows = []
     for trial in analysis.trials:
-        df = frames.get(trial.trial_id, pd.DataFrame())
-        evals = df[df["evaluation"].notna()] if "evaluation" in df else pd.DataFrame()
+        fs = trial.storage.storage_filesystem
+        reports = read_reports(trial.path, fs)
+        df = pd.DataFrame(reports)  # every report: the node, a non-finite loss
+        evals = evaluations(reports)
         best: dict[str, float] = {}
         last: dict[str, float] = {}
         if len(evals):
             last = _metrics(evals.iloc[-1], metrics)
             best = _metrics(evals.loc[evals[metric].astype(float).idxmax()], metrics)
-        fs = trial.storage.storage_filesystem
         outcome = _read_text(fs, f"{trial.path}/{OUTCOME_FILE}")
         ot = by_ray_id.get(trial.trial_id)
         status, reason = _status(trial, outcome, ot, df, closed)
@@ -350,14 +356,14 @@ def add_repeats(
                     }
                 )
     frame = pd.DataFrame(runs)
-    _csv(summary.path, "repeats.csv", frame)
+    _csv(summary.path, REPEATS_FILE, frame)
     done = frame[frame["status"] == "completed"]
     metrics = [m for m in summary.space.metrics if m in done]
     stats = done.groupby("config")[metrics].agg(["mean", "std", "count"])
     stats.columns = [f"{m}.{s}" for m, s in stats.columns]
     merged = pd.DataFrame(configs).merge(stats.reset_index(), on="config", how="left")
-    _csv(summary.path, "repeats_summary.csv", merged)
-    print(f"repeats: {summary.path}/repeats_summary.csv")
+    _csv(summary.path, REPEATS_SUMMARY_FILE, merged)
+    print(f"repeats: {summary.path}/{REPEATS_SUMMARY_FILE}")
     print(merged.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     summary.repeats = merged
     return summary

@@ -9,7 +9,8 @@ Two corrections to ``ray.tune.schedulers.AsyncHyperBandScheduler`` (Ray 2.60,
   only skips the separate "reached max_t" stop, not that rung. A trial below the cutoff at its last
   evaluation was then stopped after running its whole budget (no predictions, no ``outcome.json``,
   PRUNED in Optuna). Here a trial at ``max_t`` always continues to its own end, and the rungs are
-  those strictly below ``max_t`` (:attr:`EvaluationASHA.rungs`).
+  those strictly below ``max_t`` (:attr:`EvaluationASHA.rungs`; :func:`asha_rungs` for an
+  experiment's, as the analyses ask).
 * **Rung records survive a resume.** Tune saves the searcher's state but not the scheduler's
   (``TuneController.save_to_dir``); ``Tuner.restore`` unpickles the scheduler as it was before the
   first trial, so its rungs start empty and trials the first run would have stopped run on. Tune
@@ -19,11 +20,12 @@ Two corrections to ``ray.tune.schedulers.AsyncHyperBandScheduler`` (Ray 2.60,
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from mtl.search.experiment import read_reports
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +95,30 @@ class EvaluationASHA(AsyncHyperBandScheduler):
 
     def _replay(self, trial: Any) -> None:
         """Feed a restored trial's earlier results into its bracket, as the first run did."""
-        fs = trial.storage.storage_filesystem
-        try:
-            with fs.open_input_stream(f"{trial.storage.trial_fs_path}/result.json") as f:
-                lines = f.readall().decode().splitlines()
-        except (FileNotFoundError, OSError) as err:
-            log.warning("ASHA: no results of restored trial %s to replay (%s)", trial, err)
+        reports = read_reports(trial.storage.trial_fs_path, trial.storage.storage_filesystem)
+        if not reports:
+            log.warning("ASHA: no results of restored trial %s to replay", trial)
             return
         bracket = self._trial_info[trial.trial_id]
-        for line in lines:
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the crash
-                continue
+        for result in reports:  # every report in order: the first one past a rung is its record
             t, value = result.get(self._time_attr), result.get(self._metric)
             if t is None or value is None or t >= self._max_t:
                 continue
             bracket.on_result(trial, t, self._metric_op * value)
+
+
+def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[float]:
+    """The rungs of :class:`EvaluationASHA` with these settings, ascending, in evaluations: where
+    it compares trials and may stop one (none at or above ``max_t``).
+
+    Asks the scheduler itself, so that the analyses show the rungs the search ran with.
+    """
+    scheduler = EvaluationASHA(
+        time_attr="evaluation",
+        metric="score",
+        mode="max",
+        max_t=max_t,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
+    return scheduler.rungs
