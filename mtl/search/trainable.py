@@ -12,7 +12,8 @@ What runs where:
   objective) are the durable copies.
 * A retried trial resumes from ``tune.get_checkpoint()``.
 * The tokenized data comes from a :class:`DataCache` actor that builds each distinct dataset once
-  per experiment and keeps it in Ray's object store. The backbone's pretrained weights come from
+  per experiment (or loads it from the on-disk tokenized cache an earlier run stored,
+  :func:`mtl.data.load_packed_task_data`) and keeps it in Ray's object store. The backbone's pretrained weights come from
   the same actor: read from disk once, fetched once per node, shared by the trials there.
 * Every Ray worker imports the trainer's heavy modules as it starts (:func:`warm_worker`, Ray's
   ``worker_process_setup_hook``), and the cache starts building the data and reading the weights
@@ -162,7 +163,8 @@ def data_key(cfg_dict: dict[str, Any]) -> str:
 
 @ray.remote(num_cpus=0, runtime_env={"env_vars": {NO_WARM_ENV: "1"}})
 class DataCache:
-    """Builds each distinct tokenized dataset once and keeps it in the object store."""
+    """Builds (or loads from disk) each distinct tokenized dataset once and keeps it, packed
+    (:func:`mtl.data.pack`), in the object store."""
 
     def __init__(self) -> None:
         self._refs: dict[str, ray.ObjectRef] = {}
