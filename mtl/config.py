@@ -122,6 +122,9 @@ class DataConfig(_Section):
     tasks: tuple[str, ...] = tuple(tasks_lib.BUILTIN)
     # Further tasks, declared as data (see TaskConfig and README's "Adding a task").
     custom_tasks: tuple[TaskConfig, ...] = ()
+    # Keep the tokenized data in $MTL_CACHE_DIR/tokenized (else ~/.cache/mtl/tokenized) and
+    # reuse it when the files, tokenizer and settings are the same; False: tokenize every run.
+    cache_tokenized: bool = True
 
 
 class TrainConfig(_Section):

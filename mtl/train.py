@@ -91,14 +91,22 @@ class _LossMeter:
         self.counts.clear()
 
 
-def load_data(cfg: Config, backbone: Backbone | None = None) -> data_lib.TaskData:
-    """Tokenized train/dev/test data for ``cfg`` (what a search builds once and shares).
+def load_packed_data(cfg: Config, backbone: Backbone | None = None) -> data_lib.TaskData:
+    """Tokenized train/dev/test data for ``cfg``, packed (what a search builds once and shares),
+    from the tokenized cache when an earlier run built the same (:func:`mtl.data.load_packed_task_data`).
 
     The backbone is checked against ``cfg`` (:func:`mtl.backbones.load_backbone`) before any
     data is tokenized, unless ``backbone`` is one already checked.
     """
     backbone = backbone if backbone is not None else load_backbone(cfg)
-    return data_lib.load_task_data(cfg.data, backbone.tokenizer, cfg.model.design, cfg.seed)
+    return data_lib.load_packed_task_data(
+        cfg.data, backbone.tokenizer, backbone.folder, cfg.model.design, cfg.seed
+    )
+
+
+def load_data(cfg: Config, backbone: Backbone | None = None) -> data_lib.TaskData:
+    """:func:`load_packed_data`, unpacked: per-example tensors, as the trainer reads them."""
+    return data_lib.unpack(load_packed_data(cfg, backbone))
 
 
 def train(

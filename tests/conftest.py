@@ -20,6 +20,20 @@ def data_dir() -> Path:
     return Path(os.environ.get("MTL_DATA_DIR", REPO.parent / "shared" / "data" / "cs224n"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_root(tmp_path_factory: pytest.TempPathFactory):
+    """The project's caches (tokenized data, stage-1 encoders) in a folder of this session, not
+    the user's ``~/.cache/mtl``: no test reads what an earlier session or run left there. Set
+    before any test starts Ray, so that its workers inherit it."""
+    old = os.environ.get("MTL_CACHE_DIR")
+    os.environ["MTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("mtl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MTL_CACHE_DIR", None)
+    else:
+        os.environ["MTL_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     path = data_dir()

@@ -12,7 +12,8 @@ What runs where:
   objective) are the durable copies.
 * A retried trial resumes from ``tune.get_checkpoint()``.
 * The tokenized data comes from a :class:`DataCache` actor that builds each distinct dataset once
-  per experiment and keeps it in Ray's object store. The backbone's pretrained weights come from
+  per experiment (or loads it from the on-disk tokenized cache an earlier run stored,
+  :func:`mtl.data.load_packed_task_data`) and keeps it in Ray's object store. The backbone's pretrained weights come from
   the same actor: read from disk once, fetched once per node, shared by the trials there.
 * Every Ray worker imports the trainer's heavy modules as it starts (:func:`warm_worker`, Ray's
   ``worker_process_setup_hook``), and the cache starts building the data and reading the weights
@@ -26,7 +27,6 @@ What runs where:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import importlib
 import json
@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from ray import tune
 
 from mtl import allocator
 from mtl.config import build_config, merge
+from mtl.data import unpack
 from mtl.search.space import trial_config_dict
 from mtl.tasks import best_key
 
@@ -161,61 +161,10 @@ def data_key(cfg_dict: dict[str, Any]) -> str:
     )
 
 
-@dataclass(frozen=True)
-class _Sequences:
-    """A list of 1-D tensors as one flat array and the sizes: a single buffer for Ray to share."""
-
-    flat: np.ndarray
-    sizes: np.ndarray
-
-    @classmethod
-    def of(cls, tensors: list[torch.Tensor]) -> _Sequences:
-        sizes = np.array([len(t) for t in tensors], dtype=np.int64)
-        flat = torch.cat(tensors).numpy() if tensors else np.zeros(0, dtype=np.int64)
-        return cls(flat, sizes)
-
-    def tensors(self) -> list[torch.Tensor]:
-        # One copy out of the read-only object store, then views into it.
-        flat = torch.from_numpy(np.array(self.flat))
-        return list(flat.split(self.sizes.tolist()))
-
-
-def _map_splits(data: Any, fn) -> Any:
-    """``data`` (a TaskData) with ``fn`` applied to every field of every encoded split."""
-
-    def split(enc: Any) -> Any:
-        return dataclasses.replace(
-            enc, **{f.name: fn(getattr(enc, f.name)) for f in dataclasses.fields(enc)}
-        )
-
-    return dataclasses.replace(
-        data,
-        train={t: split(e) for t, e in data.train.items()},
-        dev={t: split(e) for t, e in data.dev.items()},
-        test={t: split(e) for t, e in data.test.items()},
-    )
-
-
-def pack(data: Any) -> Any:
-    """TaskData whose per-example tensor lists are flat arrays (pickling 30k tensors one by one
-    costs more than tokenizing them again; one array is shared without a copy)."""
-
-    def one(value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            return _Sequences.of(value)
-        return value
-
-    return _map_splits(data, one)
-
-
-def unpack(data: Any) -> Any:
-    """The TaskData that :func:`pack` packed."""
-    return _map_splits(data, lambda v: v.tensors() if isinstance(v, _Sequences) else v)
-
-
 @ray.remote(num_cpus=0, runtime_env={"env_vars": {NO_WARM_ENV: "1"}})
 class DataCache:
-    """Builds each distinct tokenized dataset once and keeps it in the object store."""
+    """Builds (or loads from disk) each distinct tokenized dataset once and keeps it, packed
+    (:func:`mtl.data.pack`), in the object store."""
 
     def __init__(self) -> None:
         self._refs: dict[str, ray.ObjectRef] = {}
@@ -224,9 +173,9 @@ class DataCache:
     def get(self, key: str, cfg_dict: dict[str, Any]) -> list[ray.ObjectRef]:
         # A list, so that Ray hands the caller the reference instead of resolving it here.
         if key not in self._refs:
-            from mtl.train import load_data
+            from mtl.train import load_packed_data
 
-            self._refs[key] = ray.put(pack(load_data(build_config(cfg_dict))))
+            self._refs[key] = ray.put(load_packed_data(build_config(cfg_dict)))
         return [self._refs[key]]
 
     def weights(self, backbone: str) -> list[ray.ObjectRef]:
