@@ -26,6 +26,7 @@ What runs where:
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import gc
 import importlib
