@@ -840,6 +840,8 @@ def load_task_data(
     tokenizer: Any,
     design: int,
     seed: int,
+    *,
+    data_dir: Path | None = None,
 ) -> TaskData:
     """Read, validate, subsample and encode every split of ``cfg.tasks``.
 
@@ -855,6 +857,7 @@ def load_task_data(
         tokenizer: A Hugging Face fast tokenizer.
         design: 1 or 2 (see :func:`encode`).
         seed: Seeds the training subsamples.
+        data_dir: ``cfg.data_dir`` already resolved (None: resolved here).
 
     Returns:
         The encoded splits, reports and missing test files.
@@ -862,7 +865,8 @@ def load_task_data(
     Raises:
         DataError: A train or dev file is missing or lacks a column.
     """
-    data_dir = resolve_data_dir(cfg.data_dir)
+    if data_dir is None:
+        data_dir = resolve_data_dir(cfg.data_dir)
     data = TaskData(train={}, dev={}, test={}, reports=[], missing=[], data_dir=data_dir)
     for spec in configured(cfg):
         task = spec.name
@@ -1065,7 +1069,7 @@ def load_packed_task_data(
             logger.info("tokenized data from the cache: %s", path)
             _warn_reports(data)
             return replace(data, data_dir=data_dir)
-    data = pack(load_task_data(cfg, tokenizer, design, seed))
+    data = pack(load_task_data(cfg, tokenizer, design, seed, data_dir=data_dir))
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as fh:

@@ -320,6 +320,7 @@ def test_a_run_resolves_its_backbone_and_data_once_and_reads_quora_train_once(
     from mtl.train import train
     from tests.test_train import tiny_config
 
+    monkeypatch.setenv("MTL_CACHE_DIR", str(tmp_path / "mtl-cache"))  # no tokenized-cache hit
     backbone_calls = _count_calls(monkeypatch, backbones, "resolve_backbone")
     data_dir_calls = _count_calls(monkeypatch, data_lib, "resolve_data_dir")
     reads = _count_calls(monkeypatch, data_lib, "read_split")

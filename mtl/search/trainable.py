@@ -26,8 +26,8 @@ What runs where:
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import gc
 import importlib
 import json
