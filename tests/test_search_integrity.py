@@ -117,10 +117,7 @@ def test_a_trial_that_reached_max_t_is_completed(tmp_path, tiny_backbone, real_d
     assert "ASHA: no rung below max_t 4" in proc.stdout
     exp = tmp_path / "results" / "maxt"
     df = pd.read_csv(exp / "results.csv")
-    resumed = killed_and_resumed["resumed"]
-    assert list(df["status"]) == ["completed", "completed"], (
-        resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    )
+    assert list(df["status"]) == ["completed", "completed"]
     assert list(df["evaluations"]) == [4, 4]
     assert all((Path(d) / "outcome.json").is_file() for d in df["trial_dir"])
     states = {t.params["lr"]: t.state for t in study_of(space).trials}

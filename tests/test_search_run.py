@@ -457,8 +457,11 @@ def test_time_budget_stops_trials_and_closes_the_study(tmp_path, tiny_backbone, 
     space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "budget", num_samples=20)
     raw = yaml.safe_load(space.read_text())
     # Long enough that a trial is running when it ends, also when a loaded machine is slow to
-    # start Ray's worker processes (15 s was not, at load 6 on 2 cores); 20 trials need ~100 s.
+    # start Ray's worker processes (15 s was not, at load 6 on 2 cores); 20 trials need minutes.
     raw["search"].update(time_budget_s=30, sampler="tpe")
+    # Trials of 24 evaluations (several seconds each, the gap between two trials well under one):
+    # shorter ones finish so fast that the budget can end between two trials, none running.
+    raw["base"]["train"]["epochs"] = 6
     space.write_text(yaml.safe_dump(raw))
     run_cli(space)
     df = pd.read_csv(tmp_path / "results" / "budget" / "results.csv")
