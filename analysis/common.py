@@ -40,6 +40,7 @@ import optuna
 import pandas as pd
 import yaml
 
+from mtl import metrics as metrics_lib
 from mtl import tasks as tasks_lib
 from mtl.config import ConfigError, build_config
 from mtl.search import experiment as experiment_folder
@@ -48,8 +49,8 @@ from mtl.search.space import DesignSpace, load_space
 
 # The built-in tasks' metrics in the paper's column order (Tables 1 to 6) and their column names;
 # an experiment that declares a task has its own (ExperimentView.metrics, .column_names).
-METRICS: tuple[str, ...] = tasks_lib.metric_names(tasks_lib.BUILTIN.values())
-COLUMN_NAMES: dict[str, str] = tasks_lib.metric_titles(tasks_lib.BUILTIN.values())
+METRICS: tuple[str, ...] = metrics_lib.metric_names(tasks_lib.BUILTIN.values())
+COLUMN_NAMES: dict[str, str] = metrics_lib.metric_titles(tasks_lib.BUILTIN.values())
 ANALYSIS_DIR = "analysis"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -108,12 +109,12 @@ class ExperimentView:
     @property
     def metrics(self) -> tuple[str, ...]:
         """The dev metrics in the paper's column order: each task's, then overall."""
-        return tasks_lib.metric_names(self.tasks.values())
+        return metrics_lib.metric_names(self.tasks.values())
 
     @property
     def column_names(self) -> dict[str, str]:
         """Metric -> its column name in tables (``SST Acc.``, ..., ``Overall Score``)."""
-        return tasks_lib.metric_titles(self.tasks.values())
+        return metrics_lib.metric_titles(self.tasks.values())
 
     @property
     def param_names(self) -> list[str]:

@@ -61,7 +61,8 @@ from mtl.build import autocast_for, build_model
 from mtl.config import Config, ConfigError, build_config
 from mtl.evaluation import split_outputs, write_missing, write_predictions
 from mtl.heads import MultitaskBert
-from mtl.tasks import Task, configured, overall_score, registry
+from mtl.metrics import overall_score
+from mtl.tasks import Task, configured, registry
 
 Key = tuple[str, str]  # (task, split)
 

@@ -10,7 +10,7 @@ no warm-up, dynamic padding, the dev set scored after the last epoch (never chos
 Defaults are that script's usual ones (lr 2e-5, batch 32, 128 tokens) and 2 epochs.
 
 The scores are the multitask trainer's: SST and Quora accuracy, STS Pearson correlation, and the
-CS224N overall score (:func:`mtl.tasks.overall_score`).
+CS224N overall score (:func:`mtl.metrics.overall_score`).
 
     python -m analysis.hf_baseline --out results/hf_baseline            # MiniLM, all local data
     python -m analysis.hf_baseline --out /tmp/b --max-train-examples 200 --max-eval-examples 100
@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from mtl.backbones import BackboneError, resolve_backbone
 from mtl.data import DataError, RawSplit, eval_subsample, read_split, resolve_data_dir, subsample
-from mtl.tasks import BUILTIN, Task, overall_score
+from mtl.metrics import overall_score
+from mtl.tasks import BUILTIN, Task
 
 TASKS: tuple[Task, ...] = tuple(BUILTIN.values())
 

@@ -11,7 +11,7 @@ examples both sides predicted:
   (BCa is undefined for the degenerate distribution of identical predictions). Each resample draws
   every task's examples with replacement, independently per task, and scores *both* sides on the
   same drawn examples; STS Pearson is recomputed on each resample, and the overall score is the
-  CS224N formula (:func:`mtl.tasks.overall_score`) of the resampled task metrics.
+  CS224N formula (:func:`mtl.metrics.overall_score`) of the resampled task metrics.
 * **p-value**: a two-sided paired permutation test (approximate randomization: Noreen 1989;
   Dror et al. 2018), by :func:`scipy.stats.permutation_test` with ``permutation_type='samples'``:
   under the null hypothesis the two sides are exchangeable on each example, so each permutation
@@ -41,7 +41,8 @@ from scipy import stats
 
 from analysis.common import COLUMN_NAMES, AnalysisError, ExperimentView, save_figure
 from mtl.evaluation import DEV_PREDICTIONS_FILE
-from mtl.tasks import BUILTIN, OVERALL, Task, metric_names
+from mtl.metrics import OVERALL, metric_names
+from mtl.tasks import BUILTIN, Task
 
 CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 9999
@@ -195,7 +196,7 @@ def features(
 def from_sums(task: Task, sums: np.ndarray) -> np.ndarray:
     """The metric from (..., F) sums of :func:`features`: accuracy, or Pearson's r (0 where
     either side is constant: the overall score counts an undefined correlation as 0, as
-    :func:`mtl.tasks.overall_score` does)."""
+    :func:`mtl.metrics.overall_score` does)."""
     n = sums[..., 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         if task.metric == "accuracy":

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mtl import metrics as metrics_lib
 from mtl import tasks as tasks_lib
 
 
@@ -325,7 +326,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _selection_metric_measured(self) -> Config:
         known = tasks_lib.registry(self.data).values()
-        problem = tasks_lib.unmeasured(self.train.selection_metric, known, self.data.tasks)
+        problem = metrics_lib.unmeasured(self.train.selection_metric, known, self.data.tasks)
         if problem is not None:
             raise ValueError(f"train.selection_metric: {problem}")
         return self

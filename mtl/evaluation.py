@@ -18,7 +18,8 @@ import torch
 from mtl import data as data_lib
 from mtl.config import Config
 from mtl.heads import MultitaskBert
-from mtl.tasks import Task, configured, metric_names, overall_score, pearson_undefined
+from mtl.metrics import metric_names, overall_score, pearson_undefined
+from mtl.tasks import Task, configured
 
 log = logging.getLogger("mtl.train")
 
@@ -76,7 +77,7 @@ def evaluate(
     """Dev metrics (per task and overall) and the predictions behind them.
 
     An undefined Pearson correlation (STS) is None, with a warning that says why; the overall
-    score counts it as 0 (:func:`mtl.tasks.overall_score`).
+    score counts it as 0 (:func:`mtl.metrics.overall_score`).
     """
     metrics, preds = {}, {}
     for name, enc in dev.items():

@@ -23,15 +23,12 @@ from torch import nn
 from mtl.bert import BertModel
 from mtl.config import ModelConfig
 from mtl.data import Batch
-from mtl.tasks import BUILTIN, Task, as_task, overall_score, pearson, pearson_undefined
+from mtl.tasks import BUILTIN, Task, as_task
 
 __all__ = [
     "FeedForwardHead",
     "MultitaskBert",
     "TaskOutput",
-    "overall_score",
-    "pearson",
-    "pearson_undefined",
     "pool",
     "predict",
     "task_loss",

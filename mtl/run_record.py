@@ -25,7 +25,8 @@ import yaml
 
 from mtl import data as data_lib
 from mtl.config import Config
-from mtl.tasks import configured, metric_names
+from mtl.metrics import metric_names
+from mtl.tasks import configured
 
 
 def _git_commit() -> str | None:

@@ -2,8 +2,8 @@
 
 A task is data, as MT-DNN's ``task_def.yml`` declares its tasks: its files and columns, how a
 label is parsed, how many outputs its head has, its loss, probabilities and decision, its dev
-metric (and that metric's name, defined here once), the divergence SMART measures on its
-outputs, and its submission file's header and number format. The rest of the code asks the task;
+metric's kind (the metric itself and its name: :mod:`mtl.metrics`), the divergence SMART measures on
+its outputs, and its submission file's header and number format. The rest of the code asks the task;
 no other module compares a task's name (``tests/test_tasks.py`` greps for it).
 
 Three tasks are built in (:data:`BUILTIN`), the CS224N multitask project's (section 4.1 of the
@@ -20,7 +20,7 @@ The rules are those of the three built-in tasks, chosen by the task's kind: a cl
 with 2 labels has one logit (like ``para``), with more a logit per class (like ``sst``); a
 regression predicts its score directly (like ``sts``).
 
-The overall score (:func:`overall_score`) is the mean over the configured tasks of each task's
+The overall score (:func:`mtl.metrics.overall_score`) is the mean over the configured tasks of each task's
 metric on a 0..1 scale: an accuracy as it is, a Pearson correlation r as (r + 1) / 2. With the
 three built-in tasks this is the CS224N formula ``(sst_acc + para_acc + (sts_pearson + 1) / 2) / 3``;
 a fourth task adds a fourth term with the same weight.
@@ -28,25 +28,21 @@ a fourth task adds a fourth term with the same weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import Tensor
+
+from mtl import metrics as metrics_lib
 
 if TYPE_CHECKING:
     from mtl.config import DataConfig, TaskConfig
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
-# The score of all dev metrics together (see overall_score).
-OVERALL = "overall"
-# Short names of the metrics, used in each task's metric name (``sst_acc``, ``sts_pearson``).
-_METRIC_SUFFIX = {"accuracy": "acc", "pearson": "pearson"}
-_METRIC_TITLE = {"accuracy": "Acc.", "pearson": "Corr."}
 
 
 @dataclass(frozen=True)
@@ -96,7 +92,9 @@ class Task:
         if len(self.text_columns) != (2 if self.pair else 1):
             raise ValueError(f"task {self.name}: {len(self.text_columns)} text columns")
         if not self.metric_title:
-            object.__setattr__(self, "metric_title", f"{self.title} {_METRIC_TITLE[self.metric]}")
+            object.__setattr__(
+                self, "metric_title", f"{self.title} {metrics_lib.METRIC_TITLE[self.metric]}"
+            )
         if not self.prediction_header:
             object.__setattr__(self, "prediction_header", f"Predicted_{self.label_column}")
 
@@ -108,7 +106,7 @@ class Task:
     @property
     def metric_name(self) -> str:
         """The dev metric's key in metrics, results.csv and TensorBoard, e.g. ``sst_acc``."""
-        return f"{self.name}_{_METRIC_SUFFIX[self.metric]}"
+        return metrics_lib.metric_name(self.name, self.metric)
 
     # ------------------------------------------------------------------------- files and labels
 
@@ -213,16 +211,12 @@ class Task:
 
     def score(self, pred: np.ndarray, gold: np.ndarray) -> float | None:
         """The dev metric: accuracy, or the Pearson correlation (None when undefined)."""
-        if self.metric == "pearson":
-            return pearson(pred, gold)
-        return float((np.asarray(pred) == np.asarray(gold)).mean())
+        return metrics_lib.score(self.metric, pred, gold)
 
     def unit_score(self, value: float | None) -> float:
         """The metric on the overall score's 0..1 scale: an accuracy as it is, a Pearson r as
         (r + 1) / 2 with an undefined r counted as 0 (no correlation)."""
-        if self.metric == "pearson":
-            return ((value or 0.0) + 1.0) / 2.0
-        return float(value)  # type: ignore[arg-type]
+        return metrics_lib.unit_score(self.metric, value)
 
     def format_value(self, prediction: float) -> str:
         """One prediction as the submission file writes it: a class or 6 decimals."""
@@ -231,31 +225,6 @@ class Task:
     def exact(self, value: float) -> int | float:
         """A prediction or gold label as an exact Python number (int for a class)."""
         return float(value) if self.kind == "regression" else int(value)
-
-
-def pearson_undefined(pred: np.ndarray, gold: np.ndarray) -> str | None:
-    """Why the Pearson correlation of ``pred`` and ``gold`` is undefined, or None when it is not.
-
-    It is undefined for fewer than two examples and when either side is constant (a zero
-    variance in the denominator).
-    """
-    pred = np.asarray(pred, dtype=np.float64)
-    gold = np.asarray(gold, dtype=np.float64)
-    if pred.size < 2:
-        return f"{pred.size} example{'' if pred.size == 1 else 's'}"
-    if np.ptp(pred) == 0:
-        return f"every prediction is {pred[0]:g}"
-    if np.ptp(gold) == 0:
-        return f"every gold score is {gold[0]:g}"
-    return None
-
-
-def pearson(pred: np.ndarray, gold: np.ndarray) -> float | None:
-    """Pearson correlation (``scipy.stats.pearsonr``); None when undefined (see
-    :func:`pearson_undefined`), never a number that looks real."""
-    if pearson_undefined(pred, gold) is not None:
-        return None
-    return float(stats.pearsonr(np.asarray(pred, np.float64), np.asarray(gold, np.float64))[0])
 
 
 def _cs224n_files(prefix: str) -> dict[str, str]:
@@ -364,70 +333,3 @@ def as_task(task: Task | str) -> Task:
     if task not in BUILTIN:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(BUILTIN)}")
     return BUILTIN[task]
-
-
-def task_metrics(tasks: Iterable[Task]) -> dict[str, Task]:
-    """Metric name -> its task."""
-    return {t.metric_name: t for t in tasks}
-
-
-def metric_names(tasks: Iterable[Task]) -> tuple[str, ...]:
-    """The tasks' dev metrics, then ``overall``: the paper's column order (Tables 1 to 6)."""
-    return (*(t.metric_name for t in tasks), OVERALL)
-
-
-def record_metrics(tasks: Iterable[Task]) -> tuple[str, ...]:
-    """``overall``, then the tasks' dev metrics: the order of results.csv and a search's records."""
-    return (OVERALL, *(t.metric_name for t in tasks))
-
-
-def best_key(metric: str) -> str:
-    """The report key of the best ``metric`` so far in a run (what the trainer reports after each
-    evaluation, and what ASHA, Tune's checkpoint ranking and the search board compare)."""
-    return f"best_{metric}"
-
-
-def metric_titles(tasks: Iterable[Task]) -> dict[str, str]:
-    """Metric name -> its column name in tables (``SST Acc.``, ..., ``Overall Score``)."""
-    return {**{t.metric_name: t.metric_title for t in tasks}, OVERALL: "Overall Score"}
-
-
-def overall_score(
-    metrics: Mapping[str, float | None], tasks: Iterable[Task] | None = None
-) -> float:
-    """The mean over the tasks present in ``metrics`` of :meth:`Task.unit_score`.
-
-    With the built-in tasks, the CS224N overall score
-    ``(sst_acc + para_acc + (sts_pearson + 1) / 2) / 3``; with fewer tasks the mean over those
-    present, with more (a task declared in the config) one more term of the same weight. An
-    undefined Pearson correlation (None) counts as 0, so the score stays a number that
-    checkpoint selection can compare.
-
-    Args:
-        metrics: Metric name -> value (other keys are ignored).
-        tasks: The tasks whose metrics may be present (default: the built-in ones).
-    """
-    known = list(tasks) if tasks is not None else list(BUILTIN.values())
-    parts = [t.unit_score(metrics[t.metric_name]) for t in known if t.metric_name in metrics]
-    return sum(parts) / len(parts)
-
-
-def unmeasured(metric: str, tasks: Iterable[Task], configured_names: Iterable[str]) -> str | None:
-    """Why ``metric`` cannot be measured when training ``configured_names`` (None: it can).
-
-    Args:
-        metric: A metric name, e.g. ``sts_pearson`` or ``overall``.
-        tasks: Every task the config knows (:func:`registry`).
-        configured_names: The names in ``data.tasks``.
-    """
-    names = tuple(configured_names)
-    by_metric = task_metrics(tasks)
-    if metric == OVERALL:
-        return None
-    if metric not in by_metric:
-        known = ", ".join(metric_names(by_metric.values()))
-        return f"{metric!r} is not a metric (expected one of {known})"
-    task = by_metric[metric].name
-    if task in names:
-        return None
-    return f"{metric!r} is a metric of task {task}, which is not in data.tasks ({', '.join(names)})"

@@ -36,6 +36,7 @@ from mtl.evaluation import (
     write_all_predictions,
     write_dev_predictions,
 )
+from mtl.metrics import best_key, metric_names
 from mtl.run_record import (
     default_run_dir,
     open_tensorboard,
@@ -46,11 +47,7 @@ from mtl.run_record import (
     write_run_info,
 )
 from mtl.schedule import accumulation_windows, epoch_plan, eval_positions
-from mtl.tasks import (
-    best_key,
-    configured,
-    metric_names,
-)
+from mtl.tasks import configured
 
 log = logging.getLogger("mtl.train")
 

@@ -15,14 +15,12 @@ from mtl.config import ModelConfig
 from mtl.data import Batch
 from mtl.heads import (
     MultitaskBert,
-    overall_score,
-    pearson,
-    pearson_undefined,
     pool,
     predict,
     task_loss,
     task_metric,
 )
+from mtl.metrics import overall_score, pearson, pearson_undefined
 
 
 def _batch(task: str, design: int, b: int = 3, length: int = 7) -> Batch:

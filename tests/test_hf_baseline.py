@@ -12,7 +12,8 @@ from scipy.stats import pearsonr
 from analysis import hf_baseline
 from mtl.data import read_split, subsample
 from mtl.heads import task_metric
-from mtl.tasks import BUILTIN, overall_score
+from mtl.metrics import overall_score
+from mtl.tasks import BUILTIN
 
 
 def test_fine_tunes_each_task_on_the_local_split(

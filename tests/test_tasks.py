@@ -12,17 +12,8 @@ import torch.nn.functional as F
 
 from mtl import smart
 from mtl.config import ConfigError, build_config
-from mtl.tasks import (
-    BUILTIN,
-    PARA,
-    SST,
-    STS,
-    as_task,
-    from_config,
-    metric_names,
-    overall_score,
-    registry,
-)
+from mtl.metrics import metric_names, overall_score
+from mtl.tasks import BUILTIN, PARA, SST, STS, as_task, from_config, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 # The one module allowed to spell a task's name or metric name.

@@ -37,9 +37,9 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 
+from mtl.metrics import best_key
 from mtl.search.space import BoolParam, CategoricalParam, DesignSpace, FloatParam, IntParam
 from mtl.search.trainable import trial_params
-from mtl.tasks import best_key
 
 FATES = ("completed", "stopped", "error")
 TRAINER_GROUP = "tb"  # the trainer's event folder inside a trial folder

@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from mtl.config import build_config, merge
+from mtl.metrics import best_key
 from mtl.search import results as results_lib
 from mtl.search.board import SearchBoard
 from mtl.search.experiment import (
@@ -52,7 +53,6 @@ from mtl.search.trainable import (
     run_trial,
     trial_dirname,
 )
-from mtl.tasks import best_key
 
 log = logging.getLogger(__name__)
 

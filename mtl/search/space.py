@@ -48,8 +48,9 @@ from mtl.config import (
     merge,
     parse_override,
 )
+from mtl.metrics import record_metrics, unmeasured
 from mtl.schedule import evaluations_per_run
-from mtl.tasks import record_metrics, registry, unmeasured
+from mtl.tasks import registry
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 

@@ -48,8 +48,8 @@ from ray import tune
 from mtl import allocator
 from mtl.config import build_config, merge
 from mtl.data import unpack
+from mtl.metrics import best_key
 from mtl.search.space import trial_config_dict
-from mtl.tasks import best_key
 
 log = logging.getLogger(__name__)
 
