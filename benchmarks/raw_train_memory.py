@@ -27,8 +27,7 @@ import tracemalloc
 
 from mtl.backbones import load_tokenizer, resolve_backbone
 from mtl.config import DataConfig
-from mtl.data import load_task_data
-from mtl.search.trainable import pack
+from mtl.data import load_task_data, pack
 
 MB = 1 << 20
 
