@@ -9,7 +9,9 @@
 #   examples per task, default 1000), EPOCHS (default 2), LR (the grids' fixed learning rate,
 #   default: the trainer's per-mode default, the paper's) and GRIDS (default: all four) set the
 #   grids' budget; results/BUDGET.md records what each committed table ran with. PARTS (default
-#   "quick grids") picks what runs: quick (quick.yaml, its retrain and ensembles) and/or grids.
+#   "quick grids") picks what runs: quick (quick.yaml, its retrain and ensembles), grids, and/or
+#   full (search_spaces/full_cpu.yaml on all the local data, hours on 2 cores, then its greedy
+#   ensemble; its own budget is in the file, not the grids' --set overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 storage=$(realpath -m "${1:-../mtl-reference-runs}")
@@ -63,6 +65,14 @@ if [[ " $parts " == *" grids "* ]]; then
   for grid in $grids; do
     search "search_spaces/ablations/$grid.yaml" "$grid" "${budget[@]}"
   done
+fi
+if [[ " $parts " == *" full "* ]]; then
+  search search_spaces/full_cpu.yaml full-cpu --set "experiment.storage_path=$storage"
+  if [ ! -f results/full-cpu/ensemble/ensemble.json ]; then
+    python -m analysis.importance "$storage/full-cpu" --out results/full-cpu
+    python -m analysis.ensemble "$storage/full-cpu" --top-k 5 --greedy --out results/full-cpu
+    python -m analysis.report "$storage/full-cpu" --out results/full-cpu
+  fi
 fi
 if [[ " $parts " == *" quick "* ]]; then
   if [ ! -f results/quick/ensemble/ensemble.json ]; then
