@@ -67,6 +67,9 @@ class Batch:
     input_ids: Tensor
     attention_mask: Tensor
     token_type_ids: Tensor
+    # True: the model gets no mask (every row is full length), as a collator of unpadded
+    # batches would pass it.
+    no_mask: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,6 +132,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=989.0,
         help="peak dense bf16 TFLOP/s for MFU (H100 SXM: 989)",
     )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help="synthetic data: comma-separated ways to run OUR step, each timed alone after the "
+        "ours-vs-hf comparison: eager, compile (torch.compile), graph (the whole step captured "
+        "in one CUDA graph, cuda only), compile-graph (both)",
+    )
+    parser.add_argument(
+        "--no-padding",
+        action="store_true",
+        help="synthetic data: every row full length and no attention mask (SDPA may then take "
+        "FlashAttention; with a mask it takes the memory-efficient kernel)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --modes: print the top kernels of a few steps of each mode (torch.profiler)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -153,15 +174,23 @@ def build_models(config: str, device: torch.device) -> tuple[BertModel, nn.Modul
 
 
 def make_batch(
-    vocab_size: int, batch: int, seq: int, gen: torch.Generator, device: torch.device
+    vocab_size: int,
+    batch: int,
+    seq: int,
+    gen: torch.Generator,
+    device: torch.device,
+    full: bool = False,
 ) -> Batch:
     """Random word ids with [CLS]/[SEP], padded to ``seq`` from lengths in [seq/2, seq].
 
     The first row is full length, so the batch really is ``seq`` wide; the second segment
-    (token type 1) is the second half of each row, as for a sentence pair.
+    (token type 1) is the second half of each row, as for a sentence pair. ``full``: every row
+    is ``seq`` long.
     """
     lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
     lengths[0] = seq
+    if full:
+        lengths[:] = seq
     positions = torch.arange(seq)
     mask = (positions < lengths[:, None]).long()  # (batch, seq)
     ids = torch.randint(1000, vocab_size, (batch, seq), generator=gen)
@@ -169,7 +198,7 @@ def make_batch(
     ids[torch.arange(batch), lengths - 1] = 102  # [SEP]
     ids = ids * mask  # [PAD] is 0
     token_types = ((positions >= (lengths[:, None] // 2)) & mask.bool()).long()
-    return Batch(ids.to(device), mask.to(device), token_types.to(device))
+    return Batch(ids.to(device), mask.to(device), token_types.to(device), no_mask=full)
 
 
 def real_batches(args: argparse.Namespace, vocab_size: int, device: torch.device) -> dict:
@@ -218,7 +247,7 @@ def loss_of(model: nn.Module, batch: Batch) -> Tensor:
     tokens' last states (padded positions are read by nothing, and differ by design)."""
     out = model(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=None if batch.no_mask else batch.attention_mask,
         token_type_ids=batch.token_type_ids,
     )
     real = batch.attention_mask[..., None].to(torch.float32)  # (batch, seq, 1)
@@ -380,6 +409,146 @@ def run_batches(
     return ratio
 
 
+def _autocast(
+    device: torch.device, dtype: str, cache: bool = True
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast or nothing; CUDA graph capture needs ``cache=False``."""
+    if dtype != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+
+def make_mode_step(
+    model: BertModel, batch: Batch, device: torch.device, dtype: str, mode: str
+) -> Callable[[Batch], None]:
+    """One training step of ``model`` run as ``mode`` (see ``--modes``), fused AdamW.
+
+    ``graph`` and ``compile-graph`` capture forward, backward and the optimizer step in one
+    CUDA graph for ``batch``'s shape (PyTorch's whole-network capture: warm-up on a side
+    stream, gradients allocated inside the capture, AdamW ``capturable=True``); each call copies
+    its batch into the captured inputs and replays the graph. The returned step does not
+    synchronize.
+    """
+    fn: nn.Module = torch.compile(model, dynamic=False) if mode.startswith("compile") else model
+    graph = mode.endswith("graph")
+    if graph and device.type != "cuda":
+        raise ValueError(f"mode {mode}: CUDA graphs need --device cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=graph)
+
+    def run(b: Batch) -> None:
+        with _autocast(device, dtype, cache=not graph):
+            loss = loss_of(fn, b)
+        loss.backward()
+        optimizer.step()
+
+    if not graph:
+
+        def step(b: Batch) -> None:
+            run(b)
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+    static = Batch(
+        *(t.clone() for t in (batch.input_ids, batch.attention_mask, batch.token_type_ids)),
+        no_mask=batch.no_mask,
+    )
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compiles (compile-graph) and lets AdamW build its state
+            optimizer.zero_grad(set_to_none=True)
+            run(static)
+    torch.cuda.current_stream().wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(cuda_graph):
+        run(static)
+
+    def replay(b: Batch) -> None:
+        static.input_ids.copy_(b.input_ids)
+        static.attention_mask.copy_(b.attention_mask)
+        static.token_type_ids.copy_(b.token_type_ids)
+        cuda_graph.replay()
+
+    return replay
+
+
+def run_modes(
+    args: argparse.Namespace, model: BertModel, batch: Batch, device: torch.device
+) -> None:
+    """Times our step in each of ``--modes`` on one fixed batch; prints ms, tokens/s and MFU.
+
+    Each mode gets a fresh copy of the weights. Compilation and capture happen in the
+    warm-up, which is not timed; a mode that fails prints its error and the rest still run.
+    Times are the median over ``--steps`` of CUDA-event (or host, on CPU) step times.
+    """
+    batch_size, seq = batch.input_ids.shape
+    flops = step_flops(model, batch_size, seq)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in args.modes.split(","):
+        model.load_state_dict(state)
+        started = time.perf_counter()
+        try:
+            step = make_mode_step(model, batch, device, args.dtype, mode)
+            for _ in range(args.warmup):
+                step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as error:  # report it and go on to the next mode
+            print(f"  {mode}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            continue
+        setup = time.perf_counter() - started
+        times = []
+        for _ in range(args.steps):
+            if device.type == "cuda":
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                step(batch)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step(batch)
+                times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        print(
+            f"  {batch_size}x{seq} {mode}: {seconds * 1e3:.2f} ms a step "
+            f"(range {min(times) * 1e3:.2f}-{max(times) * 1e3:.2f}; warm-up and compile "
+            f"{setup:.0f} s), {batch_size * seq / seconds:,.0f} grid tokens/s, "
+            f"{flops / seconds / 1e12:.1f} TFLOP/s, "
+            f"MFU {flops / seconds / (args.peak_tflops * 1e12):.1%}",
+            flush=True,
+        )
+        if args.profile and not mode.endswith("graph"):  # a replay hides its kernels
+            profile_steps(step, batch, device, label=f"{batch_size}x{seq} {mode}")
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def profile_steps(
+    step: Callable[[Batch], None], batch: Batch, device: torch.device, label: str
+) -> None:
+    """Prints the kernels that took most device time over three steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"  profile of 3 steps, {label}:", flush=True)
+    print(
+        prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the benchmark for every requested shape."""
     args = parse_args(argv)
@@ -401,8 +570,12 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes.split(","):
         batch_size, seq = (int(x) for x in shape.lower().split("x"))
         gen = torch.Generator().manual_seed(args.seed)
-        batch = make_batch(ours.config.vocab_size, batch_size, seq, gen, device)
+        batch = make_batch(
+            ours.config.vocab_size, batch_size, seq, gen, device, full=args.no_padding
+        )
         run_batches(args, ours, theirs, f"{batch_size}x{seq}", [batch], device)
+        if args.modes:
+            run_modes(args, ours, batch, device)
 
 
 if __name__ == "__main__":
