@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     base = rows[0]["trials"] / rows[0]["span"]
-    print(f"\n| trials per GPU | trials | span s | wall s | trials/hour | vs {rows[0]['packing']} |")
+    print(
+        f"\n| trials per GPU | trials | span s | wall s | trials/hour | vs {rows[0]['packing']} |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
         rate = row["trials"] / row["span"]
