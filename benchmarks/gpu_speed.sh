@@ -4,7 +4,7 @@
 #     and both, at 32x128 and 128x128 (MFU), with the top kernels of the eager and compiled
 #     steps; then 128x128 with no padding (no mask: FlashAttention's kernel).
 #  2. MiniLM-shaped trials packed 1, 2 and 4 to the GPU (benchmarks/trial_packing.py).
-# Usage: benchmarks/gpu_speed.sh OUT_DIR
+# Usage: [PARTS="encoder packing"] [PACKINGS=1,2,4] benchmarks/gpu_speed.sh OUT_DIR
 # Each part has its own time limit and writes its own file under OUT_DIR, so a part that runs
 # long or fails leaves the others' figures. On a machine without a GPU it runs tiny shapes (how
 # the script is checked). On the lent device, packages the image lacks (Ray, Optuna, pydantic)
@@ -40,6 +40,8 @@ else
   hidden=32; layers=2; heads=4; inter=37
 fi
 
+parts=" ${PARTS:-encoder packing} "
+if [[ $parts == *" encoder "* ]]; then
 # 1. The encoder's step, four ways, with and without padding.
 timeout "${T_ENCODER:-240}" $py benchmarks/encoder_step.py "${enc[@]}" --shapes "$shapes" \
   --modes eager,graph,compile,compile-graph --profile > "$out/encoder_modes.txt" 2>&1
@@ -47,6 +49,8 @@ echo "encoder modes: exit $?"; grep -E '^  [0-9]+x[0-9]+ |MFU|failed' "$out/enco
 timeout "${T_FULL:-45}" $py benchmarks/encoder_step.py "${enc[@]}" --shapes "$full" --no-padding \
   --modes eager,graph > "$out/encoder_nopad.txt" 2>&1
 echo "no padding: exit $?"; grep -E '^  [0-9]+x[0-9]+ |MFU|failed' "$out/encoder_nopad.txt"
+fi
+[[ $parts == *" packing "* ]] || exit 0
 
 # 2. Trials per hour, 1, 2 and 4 MiniLM-shaped trials to the GPU (random weights).
 $py - /tmp/minilm-shape "$tok" "$hidden" "$layers" "$heads" "$inter" <<'PY'
@@ -56,6 +60,7 @@ out, tok, h, n, a, i = sys.argv[1:]
 make_tiny_backbone(out, tokenizer_dir=tok or None, hidden_size=int(h), num_hidden_layers=int(n),
                    num_attention_heads=int(a), intermediate_size=int(i))
 PY
+[ -n "${PACKINGS:-}" ] && packing+=(--packings "$PACKINGS")
 timeout "${T_PACKING:-250}" $py benchmarks/trial_packing.py --backbone /tmp/minilm-shape \
   "${packing[@]}" > "$out/packing.txt" 2>&1
 echo "packing: exit $?"; tail -8 "$out/packing.txt"
