@@ -57,6 +57,8 @@ BASE_SHAPE = dict(
     num_attention_heads=12,
     intermediate_size=3072,
 )
+# The ways --modes runs our step (see make_mode_step).
+MODES = ("eager", "graph", "compile", "compile-graph")
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
@@ -142,8 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-padding",
         action="store_true",
-        help="synthetic data: every row full length and no attention mask (SDPA may then take "
-        "FlashAttention; with a mask it takes the memory-efficient kernel)",
+        help="synthetic data: every row full length and no attention mask, so SDPA may pick a "
+        "mask-free kernel (--profile shows which)",
     )
     parser.add_argument(
         "--profile",
@@ -151,7 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --modes: print the top kernels of a few steps of each mode (torch.profiler)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set((args.modes or "eager").split(",")) - set(MODES)
+    if unknown:
+        parser.error(
+            f"--modes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODES)})"
+        )
+    return args
 
 
 def build_models(config: str, device: torch.device) -> tuple[BertModel, nn.Module]:
@@ -295,6 +303,15 @@ def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-5, **options.get(kind, dict(fused=True)))
 
 
+def autocast(
+    device: torch.device, dtype: str, cache: bool = True
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast or nothing; CUDA graph capture needs ``cache=False``."""
+    if dtype != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+
 def make_step(
     model: nn.Module, device: torch.device, dtype: str, optimizer_kind: str
 ) -> Callable[[Batch], tuple[float, float]]:
@@ -305,12 +322,7 @@ def make_step(
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
-        autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if dtype == "bf16"
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with autocast(device, dtype):
             loss = loss_of(model, batch)
         loss.backward()
         optimizer.step()
@@ -409,15 +421,6 @@ def run_batches(
     return ratio
 
 
-def _autocast(
-    device: torch.device, dtype: str, cache: bool = True
-) -> contextlib.AbstractContextManager:
-    """bf16 autocast or nothing; CUDA graph capture needs ``cache=False``."""
-    if dtype != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
-
-
 def make_mode_step(
     model: BertModel, batch: Batch, device: torch.device, dtype: str, mode: str
 ) -> Callable[[Batch], None]:
@@ -436,7 +439,7 @@ def make_mode_step(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=graph)
 
     def run(b: Batch) -> None:
-        with _autocast(device, dtype, cache=not graph):
+        with autocast(device, dtype, cache=not graph):
             loss = loss_of(fn, b)
         loss.backward()
         optimizer.step()
@@ -487,6 +490,7 @@ def run_modes(
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for mode in args.modes.split(","):
         model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)  # no gradients left over from the previous mode
         started = time.perf_counter()
         try:
             step = make_mode_step(model, batch, device, args.dtype, mode)
@@ -545,7 +549,7 @@ def profile_steps(
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"  profile of 3 steps, {label}:", flush=True)
     print(
-        prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True
+        prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70), flush=True
     )
 
 

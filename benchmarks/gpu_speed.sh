@@ -2,9 +2,10 @@
 # The prepared GPU speed check of issue 15 (README "Benchmarks"), one call on a lent GPU:
 #  1. BERT-base shape, bf16: our training step eager, as one CUDA graph, under torch.compile,
 #     and both, at 32x128 and 128x128 (MFU), with the top kernels of the eager and compiled
-#     steps; then 128x128 with no padding (no mask: FlashAttention's kernel).
+#     steps; then 128x128 with no padding (no mask: SDPA's mask-free kernels), profiled too.
 #  2. MiniLM-shaped trials packed 1, 2 and 4 to the GPU (benchmarks/trial_packing.py).
 # Usage: [PARTS="encoder packing"] [PACKINGS=1,2,4] benchmarks/gpu_speed.sh OUT_DIR
+# (One call runs past 10 minutes with both parts: run PARTS=encoder and PARTS=packing apart.)
 # Each part has its own time limit and writes its own file under OUT_DIR, so a part that runs
 # long or fails leaves the others' figures. On a machine without a GPU it runs tiny shapes (how
 # the script is checked). On the lent device, packages the image lacks (Ray, Optuna, pydantic)
@@ -25,7 +26,22 @@ device=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'c
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
   $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  $py -c "import ray, optuna; print('ray', ray.__version__, 'optuna', optuna.__version__)"
   nproc
+  # The card's bf16 matrix ceiling: a large product, the median of 10 after 3 warm-ups.
+  $py - <<'PY'
+import torch
+if torch.cuda.is_available():
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(); a @ b; end.record(); end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    seconds = sorted(times[3:])[5]
+    print(f"bf16 matmul {n}^3 on random data: {2 * n**3 / seconds / 1e12:.0f} TFLOP/s")
+PY
 } > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 
@@ -47,7 +63,7 @@ timeout "${T_ENCODER:-240}" $py benchmarks/encoder_step.py "${enc[@]}" --shapes 
   --modes eager,graph,compile,compile-graph --profile > "$out/encoder_modes.txt" 2>&1
 echo "encoder modes: exit $?"; grep -E '^  [0-9]+x[0-9]+ |MFU|failed' "$out/encoder_modes.txt"
 timeout "${T_FULL:-45}" $py benchmarks/encoder_step.py "${enc[@]}" --shapes "$full" --no-padding \
-  --modes eager,graph > "$out/encoder_nopad.txt" 2>&1
+  --modes eager,graph --profile > "$out/encoder_nopad.txt" 2>&1
 echo "no padding: exit $?"; grep -E '^  [0-9]+x[0-9]+ |MFU|failed' "$out/encoder_nopad.txt"
 fi
 [[ $parts == *" packing "* ]] || exit 0
@@ -61,6 +77,6 @@ make_tiny_backbone(out, tokenizer_dir=tok or None, hidden_size=int(h), num_hidde
                    num_attention_heads=int(a), intermediate_size=int(i))
 PY
 [ -n "${PACKINGS:-}" ] && packing+=(--packings "$PACKINGS")
-timeout "${T_PACKING:-250}" $py benchmarks/trial_packing.py --backbone /tmp/minilm-shape \
+timeout "${T_PACKING:-540}" $py benchmarks/trial_packing.py --backbone /tmp/minilm-shape \
   "${packing[@]}" > "$out/packing.txt" 2>&1
 echo "packing: exit $?"; tail -8 "$out/packing.txt"

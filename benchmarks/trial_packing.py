@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def configurations(exp_dir: Path) -> list[str]:
+    """The trials' sampled parameters (``params.json``), sorted: what every packing must share."""
+    return sorted(p.read_text() for p in exp_dir.glob("*/params.json"))
+
+
 def trial_span(exp_dir: Path) -> tuple[float, int]:
     """(seconds from the first trial's start to the last one's end, trials that reported).
 
@@ -102,6 +107,8 @@ def run_packing(args: argparse.Namespace, packing: int, storage: Path) -> dict[s
         print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", file=sys.stderr)
         raise SystemExit(f"packing {packing}: mtl.search exited with {done.returncode}")
     span, trials = trial_span(storage / name)
+    if trials != args.trials:
+        raise SystemExit(f"packing {packing}: {trials} of {args.trials} trials reported")
     return {"packing": packing, "wall": wall, "span": span, "trials": trials}
 
 
@@ -111,9 +118,17 @@ def main(argv: list[str] | None = None) -> None:
     storage = Path(args.storage or tempfile.mkdtemp(prefix="packing-"))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     rows = []
+    first: list[str] | None = None
     for packing in (int(k) for k in args.packings.split(",")):
         row = run_packing(args, packing, storage)
         rows.append(row)
+        drawn = configurations(storage / f"packing-{packing}")
+        if first is None:
+            first = drawn
+        elif drawn != first:
+            raise SystemExit(
+                f"packing {packing}: other configurations than packing {rows[0]['packing']}"
+            )
         print(
             f"packing {packing}: {row['trials']} trials, search wall {row['wall']:.1f} s, "
             f"trial span {row['span']:.1f} s, {row['trials'] / row['span'] * 3600:,.0f} "
