@@ -10,6 +10,16 @@
 # long or fails leaves the others' figures. On a machine without a GPU it runs tiny shapes (how
 # the script is checked). On the lent device, packages the image lacks (Ray, Optuna, pydantic)
 # and the data travel in .devrun/ (not in git): site.tar.xz, data/, tok/ (MiniLM's tokenizer).
+# Built on the development machine (the device has Python 3.12 and no network):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d whl ray==2.60.0 optuna==5.0.0 pydantic pydantic_core \
+#     alembic annotated-types colorlog jsonschema jsonschema-specifications Mako referencing \
+#     SQLAlchemy tensorboardX typing-inspection rpds-py
+#   pip install --no-deps --target site --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux2014_x86_64 --implementation cp whl/*.whl
+#   rm -rf site/ray/jars site/ray/rllib site/bin    # Java and RLlib: 64 MiB is the limit
+#   tar -C site -cf - . | xz -6 > .devrun/site.tar.xz   # 38 MB
+#   cp $MTL_DATA_DIR/* .devrun/data/; cp <MiniLM folder>/{vocab.txt,tokenizer*.json,special_tokens_map.json} .devrun/tok/
 set -uo pipefail
 out=${1:?output folder}
 mkdir -p "$out"
