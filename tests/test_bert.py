@@ -519,6 +519,10 @@ SMOKE_ARGS = ("--device", "cpu", "--steps", "2", "--warmup", "1")
             ("gradients of all 199 parameters agree", "2x16 wall: ours"),
         ),
         (
+            ("--config", "base", "--shapes", "2x16", "--modes", "eager", "--no-padding"),
+            ("gradients of all 199 parameters agree", "2x16 eager: ", "ms a step"),
+        ),
+        (
             ("--batch-size", "4", "--optimizer", "fused", "--dtype", "bf16"),
             ("gradients of all 103 parameters agree", "random wall: ours", "bucketed wall: ours"),
         ),
@@ -537,3 +541,16 @@ def test_benchmark_runs_on_cpu(real_data_dir: Path, args, expected) -> None:
     assert result.returncode == 0, result.stderr
     for line in (*expected, "median ratio ours/hf", "process CPU: ours"):
         assert line in result.stdout
+
+
+def test_benchmark_refuses_an_unknown_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/encoder_step.py", "--modes", "eager,graf"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--modes: unknown graf" in result.stderr
