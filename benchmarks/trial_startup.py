@@ -31,6 +31,7 @@ warm. Within a cold ``own`` run, the trials after the first find the first one's
 
     python benchmarks/trial_startup.py              # 4 trials per setting, about 10 minutes
     python benchmarks/trial_startup.py --trials 3 --modes shared shared-warm
+    python benchmarks/trial_startup.py --trials 3 --modes shared --data full   # the cold case
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def timed_trial(config: dict, spec, out: str) -> None:
 
 
 MODES = ("own", "own-warm", "shared", "shared-warm")
+SETTINGS = ("quick", "full")
 
 
 def run(setting: str, mode: str, trials: int, root: Path, data_dir: str) -> list[dict]:
@@ -164,6 +166,13 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="(default: all, in order)"
     )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        choices=SETTINGS,
+        default=list(SETTINGS),
+        help="quick: 400 training examples per task; full: all of them (default: both)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="trial-startup-"))
     # Before Ray starts, so that every worker inherits it.
@@ -179,7 +188,7 @@ def main() -> None:
         f" {'later: function':>16}"
     )
     firsts, medians = {}, {}
-    for setting in ("quick", "full"):
+    for setting in args.data:
         for mode in args.modes:
             rows = run(setting, mode, args.trials, root, args.data_dir)
             firsts[(setting, mode)] = rows[0]["from_function"]
@@ -190,7 +199,7 @@ def main() -> None:
                 flush=True,
             )
     print("(later: the median of the trials after the first)")
-    for setting in ("quick", "full"):
+    for setting in args.data:
         if {"own", "shared"} <= set(args.modes):
             own, shared = medians[(setting, "own")], medians[(setting, "shared")]
             print(f"{setting}: later trials shared/own = {shared / own:.2f}")
