@@ -1,6 +1,6 @@
 """Seconds from a trial's start to its first optimizer step: shared data against per-trial loading.
 
-A search builds the tokenized data once (the :class:`mtl.search.trainable.DataCache` actor) and
+A search builds the tokenized data once (the :class:`mtl.search.data_cache.DataCache` actor) and
 hands it to each trial through Ray's object store; the baseline lets every trial read the csv
 files and tokenize them itself (``data_cache=None``, what ``mtl.train`` does alone). Both run the
 real trial function (:func:`mtl.search.trainable.run_trial`) under a real Tuner on a local Ray,
@@ -13,7 +13,7 @@ Two clocks:
   weights, model, first batch. This is the part the search controls; the 3-second target.
 * ``process`` (first trial only): from the start of the Ray worker process that runs the trial
   (``/proc/self/stat``), adding Python, Ray, torch and transformers start-up and the imports that
-  :func:`mtl.search.trainable.warm_worker` makes as the worker starts (Ray's
+  :func:`mtl.search.warmup.warm_worker` makes as the worker starts (Ray's
   ``worker_process_setup_hook``, as ``mtl.search`` starts Ray). Later trials reuse that process
   (``reuse_actors=True``, as ``mtl.search`` runs them), so they do not pay it.
 
@@ -56,9 +56,11 @@ from ray import tune
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mtl.data import tokenized_cache_dir
+from mtl.search.data_cache import DataCache
 from mtl.search.run import make_run_config, make_trainable
 from mtl.search.space import parse_space
-from mtl.search.trainable import WORKER_RUNTIME_ENV, DataCache, run_trial
+from mtl.search.trainable import run_trial
+from mtl.search.warmup import WORKER_RUNTIME_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

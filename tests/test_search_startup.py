@@ -14,9 +14,11 @@ import pytest
 import ray
 
 from mtl.config import build_config, merge
+from mtl.search.data_cache import DataCache, data_key
 from mtl.search.run import _settings, init_ray, make_trainable
 from mtl.search.space import parse_space
-from mtl.search.trainable import WARM_MODULES, DataCache, TrialSpec, _shared_data, data_key
+from mtl.search.trainable import TrialSpec, _shared_data
+from mtl.search.warmup import WARM_MODULES
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +41,35 @@ def test_a_fresh_worker_has_the_trainer_imported_before_its_first_task(local_ray
     assert all(ray.get(_imported.remote(WARM_MODULES)).values())
 
 
+# What a trial needs and the data cache does not: the first trial waits for the cache, so none of
+# these may be on the cache's path (its process imports them in seconds of CPU).
+NOT_FOR_THE_CACHE = ("torch._dynamo", "ray.tune", "scipy", "mtl.search.trainable")
+# Sent by value (a lambda): a function of this module would make the actor import this module.
+_loaded = lambda _: [name for name in NOT_FOR_THE_CACHE if name in sys.modules]  # noqa: E731
+
+
 def test_the_data_cache_starts_without_the_warm_up(local_ray) -> None:
     cache = DataCache.remote()
     try:
-        dynamo = ray.get(cache.__ray_call__.remote(lambda _: "torch._dynamo" in sys.modules))
-        assert not dynamo
+        assert ray.get(cache.__ray_call__.remote(_loaded)) == []
+    finally:
+        ray.kill(cache)
+
+
+def test_the_data_cache_builds_without_the_trials_imports(
+    local_ray, tmp_path, tiny_backbone, real_data_dir
+) -> None:
+    """Building the data and reading the weights import no more than they need."""
+    cache = DataCache.remote()
+    try:
+        space = space_for(tmp_path, tiny_backbone, real_data_dir, LR)
+        trial = merge(space.trial_config({}), _settings(space))
+        ray.get(cache.prefetch.remote(data_key(trial), trial, str(tiny_backbone)))
+        assert ray.get(cache.cached.remote()) == {
+            "data": [data_key(trial)],
+            "weights": [str(tiny_backbone)],
+        }
+        assert ray.get(cache.__ray_call__.remote(_loaded)) == []
     finally:
         ray.kill(cache)
 

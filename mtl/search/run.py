@@ -26,6 +26,7 @@ from mtl.config import build_config, merge
 from mtl.metrics import best_key
 from mtl.search import results as results_lib
 from mtl.search.board import SearchBoard
+from mtl.search.data_cache import DataCache
 from mtl.search.experiment import (
     REPEATS_SUFFIX,
     RESTORE,
@@ -44,8 +45,6 @@ from mtl.search.searcher import CLOSED_ATTR, STEP_KEY, PruningOptunaSearch, make
 from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
 from mtl.search.trainable import (
     POINT_KEY,
-    WORKER_RUNTIME_ENV,
-    DataCache,
     NoRetryOnNonFinite,
     TrialSpec,
     prefetch,
@@ -53,6 +52,7 @@ from mtl.search.trainable import (
     run_trial,
     trial_dirname,
 )
+from mtl.search.warmup import WORKER_RUNTIME_ENV
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def init_ray(
     include_dashboard: bool | None = None,
 ) -> None:
     """Join ``address`` (or $RAY_ADDRESS), else start a local Ray for this run; either way
-    every worker of this job warms its imports as it starts (:func:`warm_worker`)."""
+    every worker of this job warms its imports as it starts (:func:`mtl.search.warmup.warm_worker`)."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
