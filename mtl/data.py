@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import requests
 import torch
+from filelock import FileLock
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
@@ -1065,7 +1066,11 @@ def load_packed_task_data(
     With ``cfg.cache_tokenized`` the data is looked up in :func:`tokenized_cache_dir` under
     :func:`tokenized_key`; a hit skips reading and tokenizing and logs the same skip warnings,
     a miss builds the data and stores it (written atomically, so concurrent runs never read a
-    part). A cache file that cannot be read is rebuilt with a warning.
+    part). A cache file that cannot be read is rebuilt with a warning. One process builds a
+    given dataset at a time (a ``filelock`` beside the file, as stage 1's cache does): another
+    that asks for it meanwhile waits and reads the file, so a search whose driver starts the
+    tokenizing before Ray (:func:`mtl.search.run.prebuild_data`), or trials that load their own
+    data at once, tokenize it once.
 
     Args:
         cfg: The data section of the config.
@@ -1086,31 +1091,65 @@ def load_packed_task_data(
     path = (
         tokenized_cache_dir() / f"{tokenized_key(cfg, data_dir, tokenizer_dir, design, seed)}.pkl"
     )
-    if path.is_file():
+    data = _read_cached(path, data_dir)
+    if data is not None:
+        return data
+    with _building(path):
+        data = _read_cached(path, data_dir)  # built by the process that held the lock
+        if data is not None:
+            return data
+        data = pack(load_task_data(cfg, tokenizer, design, seed, data_dir=data_dir))
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as fh:
+                pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
         try:
-            with path.open("rb") as fh:
-                data = pickle.load(fh)
-            if not isinstance(data, TaskData):
-                raise TypeError(f"holds a {type(data).__name__}, not TaskData")
-        except Exception as err:  # any unreadable file is only a miss; it is rebuilt below
-            logger.warning(
-                "tokenized cache %s unreadable (%s: %s); tokenizing again",
-                path,
-                type(err).__name__,
-                err,
-            )
-        else:
-            logger.info("tokenized data from the cache: %s", path)
-            _warn_reports(data)
-            return replace(data, data_dir=data_dir)
-    data = pack(load_task_data(cfg, tokenizer, design, seed, data_dir=data_dir))
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as fh:
-            pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
-
-    try:
-        atomic_write(path, write)
-    except OSError as err:  # a full or read-only disk costs the next run the tokenizing only
-        logger.warning("could not store the tokenized data in %s: %s", path, err)
+            atomic_write(path, write)
+        except OSError as err:  # a full or read-only disk costs the next run the tokenizing only
+            logger.warning("could not store the tokenized data in %s: %s", path, err)
     return data
+
+
+def _read_cached(path: Path, data_dir: Path) -> TaskData | None:
+    """The tokenized data stored at ``path``; None if absent or unreadable (then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as fh:
+            data = pickle.load(fh)
+        if not isinstance(data, TaskData):
+            raise TypeError(f"holds a {type(data).__name__}, not TaskData")
+    except Exception as err:  # any unreadable file is only a miss; it is rebuilt
+        logger.warning(
+            "tokenized cache %s unreadable (%s: %s); tokenizing again",
+            path,
+            type(err).__name__,
+            err,
+        )
+        return None
+    logger.info("tokenized data from the cache: %s", path)
+    _warn_reports(data)
+    return replace(data, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _building(path: Path) -> Iterator[None]:
+    """Holds ``<path>.lock`` while this process builds ``path``; without a writable cache
+    folder there is nothing to share, and the data is built unlocked."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except TimeoutError:
+            logger.info("another run is tokenizing %s; waiting for it", path.name)
+            lock.acquire()
+    except OSError as err:
+        logger.warning("could not lock %s (%s); tokenizing without it", path, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()

@@ -15,7 +15,7 @@ import ray
 
 from mtl.config import build_config, merge
 from mtl.search.data_cache import DataCache, data_key
-from mtl.search.run import _settings, init_ray, make_trainable
+from mtl.search.run import _settings, init_ray, make_trainable, start_data_cache
 from mtl.search.space import parse_space
 from mtl.search.trainable import TrialSpec, _shared_data
 from mtl.search.warmup import WARM_MODULES
@@ -114,6 +114,25 @@ def test_making_the_trainable_starts_the_cache_on_the_trials_data(
         trial = merge(space.trial_config({}), _settings(space))
         assert build_config(trial).data.max_length == 32
         assert held["data"] == ([data_key(trial)] if data_prefetched else [])
+    finally:
+        ray.kill(cache)
+
+
+def test_the_search_starts_its_cache_on_the_trials_data_before_the_trainable(
+    local_ray, tmp_path, tiny_backbone, real_data_dir
+) -> None:
+    """run_search starts the cache as soon as Ray is up; making the trainable later finds the
+    data and weights there and builds nothing again."""
+    space = space_for(tmp_path, tiny_backbone, real_data_dir, LR)
+    cache = start_data_cache(space)
+    try:
+        trial = merge(space.trial_config({}), _settings(space))
+        built = {"data": [data_key(trial)], "weights": [str(tiny_backbone)]}
+        assert ray.get(cache.cached.remote()) == built
+        first = ray.get(cache.get.remote(data_key(trial), trial))[0]
+        make_trainable(space, cache)
+        assert ray.get(cache.cached.remote()) == built
+        assert ray.get(cache.get.remote(data_key(trial), trial))[0] == first  # the same object
     finally:
         ray.kill(cache)
 

@@ -18,9 +18,9 @@ What runs where:
   fetched once per node, shared by the trials there.
 * Every Ray worker imports the trainer's heavy modules as it starts
   (:func:`mtl.search.warmup.warm_worker`, Ray's ``worker_process_setup_hook``), and the cache
-  starts building the data and reading the weights when the trainable is made
-  (:func:`prefetch`), so a fresh worker's first trial neither imports nor waits from its first
-  line (``benchmarks/trial_startup.py``).
+  starts building the data and reading the weights as soon as the search has started Ray
+  (:func:`prefetch`, called by :func:`mtl.search.run.start_data_cache`), so a fresh worker's
+  first trial neither imports nor waits from its first line (``benchmarks/trial_startup.py``).
 * A non-finite loss reports one result flagged ``nonfinite`` and re-raises; the driver's
   :class:`NoRetryOnNonFinite` callback sees the flag and spends the trial's retries, so the error
   ends the trial at once.
@@ -85,11 +85,18 @@ def prefetch(spec: TrialSpec) -> None:
     if spec.data_cache is None:
         return
     cfg_dict = merge(spec.base, spec.settings)  # as run_trial builds a trial's config
-    keyed = ("data.", "model.backbone", "model.design", "seed")
-    fixed = not any(path.startswith(keyed) for path in spec.paths.values())
     spec.data_cache.prefetch.remote(
-        data_key(cfg_dict) if fixed else None, cfg_dict, build_config(cfg_dict).model.backbone
+        data_key(cfg_dict) if shares_data(spec) else None,
+        cfg_dict,
+        build_config(cfg_dict).model.backbone,
     )
+
+
+def shares_data(spec: TrialSpec) -> bool:
+    """Whether every trial reads the base config's data: no search parameter changes what the
+    data depends on (:func:`data_key`)."""
+    keyed = ("data.", "model.backbone", "model.design", "seed")
+    return not any(path.startswith(keyed) for path in spec.paths.values())
 
 
 def scratch_root() -> Path:
