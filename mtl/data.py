@@ -1047,6 +1047,16 @@ def tokenized_cache_dir() -> Path:
     return cache_root() / "tokenized"
 
 
+def tokenized_path(
+    cfg: DataConfig, data_dir: Path, tokenizer_dir: Path, design: int, seed: int
+) -> Path:
+    """Where :func:`load_packed_task_data` stores (or finds) this data: ``<key>.pkl`` in
+    :func:`tokenized_cache_dir` (:func:`tokenized_key`)."""
+    return (
+        tokenized_cache_dir() / f"{tokenized_key(cfg, data_dir, tokenizer_dir, design, seed)}.pkl"
+    )
+
+
 def _warn_reports(data: TaskData) -> None:
     # What load_task_data warns while it reads, said again for data read from the cache.
     for report in data.reports:
@@ -1088,9 +1098,7 @@ def load_packed_task_data(
     if not cfg.cache_tokenized:
         return pack(load_task_data(cfg, tokenizer, design, seed))
     data_dir = resolve_data_dir(cfg.data_dir)
-    path = (
-        tokenized_cache_dir() / f"{tokenized_key(cfg, data_dir, tokenizer_dir, design, seed)}.pkl"
-    )
+    path = tokenized_path(cfg, data_dir, tokenizer_dir, design, seed)
     data = _read_cached(path, data_dir)
     if data is not None:
         return data

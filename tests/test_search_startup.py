@@ -7,6 +7,7 @@ data files. The seconds themselves are measured in ``benchmarks/trial_startup.py
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 import ray
 
 from mtl.config import build_config, merge
+from mtl.data import tokenized_path, unpack
 from mtl.search.data_cache import DataCache, data_key
-from mtl.search.run import _settings, init_ray, make_trainable, start_data_cache
+from mtl.search.run import _settings, init_ray, make_trainable, prebuild_data, start_data_cache
 from mtl.search.space import parse_space
 from mtl.search.trainable import TrialSpec, _shared_data
 from mtl.search.warmup import WARM_MODULES
@@ -135,6 +137,45 @@ def test_the_search_starts_its_cache_on_the_trials_data_before_the_trainable(
         assert ray.get(cache.get.remote(data_key(trial), trial))[0] == first  # the same object
     finally:
         ray.kill(cache)
+
+
+@pytest.mark.parametrize(("parameters", "builds"), [(LR, True), (MAX_LENGTH, False)])
+def test_the_driver_tokenizes_ahead_into_the_tokenized_cache(
+    tmp_path, tiny_backbone, real_data_dir, monkeypatch, parameters, builds
+) -> None:
+    """prebuild_data (before Ray starts) stores the trials' data where the cache looks for it,
+    unless the trials' data differs between trials; a second call finds the file and stores
+    nothing again."""
+    monkeypatch.setenv("MTL_CACHE_DIR", str(tmp_path / "cache"))
+    space = space_for(tmp_path, tiny_backbone, real_data_dir, parameters)
+    thread = prebuild_data(space)
+    assert (thread is not None) == builds
+    if thread is None:
+        return
+    thread.join(timeout=120)
+    trial = build_config(merge(space.trial_config({}), _settings(space)))
+    path = tokenized_path(trial.data, real_data_dir, tiny_backbone, trial.model.design, trial.seed)
+    assert assert_loads(path, trial)
+    stored = path.stat().st_mtime_ns
+    again = prebuild_data(space)
+    again.join(timeout=120)
+    assert path.stat().st_mtime_ns == stored
+
+
+def assert_loads(path: Path, trial) -> bool:
+    """The stored file is what the trainer's own loading gives for the trial's config."""
+    # Imported here: Ray workers import this module (for _imported), which must not import the
+    # trainer itself.
+    from mtl.train import load_data
+
+    with path.open("rb") as fh:
+        stored = pickle.load(fh)
+    fresh = load_data(trial)
+    return all(
+        [t.tolist() for t in unpack(stored).train[task].input_ids]
+        == [t.tolist() for t in fresh.train[task].input_ids]
+        for task in fresh.train
+    )
 
 
 def test_a_failed_prefetch_leaves_the_error_to_the_trials(local_ray, tmp_path, tiny_backbone):

@@ -278,9 +278,16 @@ def prebuild_data(space: DesignSpace) -> threading.Thread | None:
         return None
 
     def build() -> None:
-        from mtl.train import load_packed_data
+        from mtl.backbones import resolve_backbone
+        from mtl.data import resolve_data_dir, tokenized_path
 
         try:
+            folder = resolve_backbone(cfg.model.backbone)
+            data_dir = resolve_data_dir(cfg.data.data_dir)
+            if tokenized_path(cfg.data, data_dir, folder, cfg.model.design, cfg.seed).is_file():
+                return  # stored by an earlier run: the cache reads it
+            from mtl.train import load_packed_data
+
             load_packed_data(cfg)
         except Exception as err:  # the cache's own build raises it again, for the trials
             log.info("building the data ahead failed (%s: %s)", type(err).__name__, err)
