@@ -1,21 +1,37 @@
 """Seconds from a trial's start to its first optimizer step: shared data against per-trial loading.
 
-A search builds the tokenized data once (the :class:`mtl.search.trainable.DataCache` actor) and
+A search builds the tokenized data once (the :class:`mtl.search.data_cache.DataCache` actor) and
 hands it to each trial through Ray's object store; the baseline lets every trial read the csv
 files and tokenize them itself (``data_cache=None``, what ``mtl.train`` does alone). Both run the
 real trial function (:func:`mtl.search.trainable.run_trial`) under a real Tuner on a local Ray,
 one trial at a time, MiniLM on CPU (1 CPU per trial), ``train.max_steps: 1``.
 
-Two clocks:
+Three clocks:
 
 * ``function``: from the trial function's first line to the end of the first
   ``optimizer.step()`` (a global ``torch.optim`` post-hook): config, checkpoint lookup, data,
   weights, model, first batch. This is the part the search controls; the 3-second target.
 * ``process`` (first trial only): from the start of the Ray worker process that runs the trial
   (``/proc/self/stat``), adding Python, Ray, torch and transformers start-up and the imports that
-  :func:`mtl.search.trainable.warm_worker` makes as the worker starts (Ray's
+  :func:`mtl.search.warmup.warm_worker` makes as the worker starts (Ray's
   ``worker_process_setup_hook``, as ``mtl.search`` starts Ray). Later trials reuse that process
   (``reuse_actors=True``, as ``mtl.search`` runs them), so they do not pay it.
+* ``from search`` (first trial only): from the setting's start to the first step: with
+  ``--fresh-ray``, Ray's start included, as each ``python -m mtl.search`` starts its own Ray.
+
+Each setting follows ``mtl.search``'s order (:func:`mtl.search.run.run_search`): with
+``--fresh-ray`` the driver starts tokenizing before Ray (:func:`mtl.search.run.prebuild_data`),
+the data cache starts (:func:`mtl.search.run.start_data_cache`), the scratch folders are
+cleaned, the Tuner starts. By default one Ray serves every setting, so after the first setting the first trial
+finds an idle worker that started (and warmed its imports) long before; ``--fresh-ray`` starts
+Ray for each setting, so the first trial's worker and the cache start with the search, as in
+a user's first search on new data.
+
+On a loaded machine both clocks measure the other jobs as much as ours, so two CPU figures go
+with them: the first trial's process's CPU seconds from its start to its first step (all its
+threads), the data cache's process's CPU seconds, all of them (start, imports, weights, the
+data built or read once), and the driver's over the setting (the Tuner, and with
+``--fresh-ray`` the tokenizing it starts before Ray).
 
 The first trial also builds the cache in the shared run; it is reported apart from the later
 trials' median. Two data sizes: the quick.yaml slices (400 training and 200 dev examples per
@@ -31,6 +47,7 @@ warm. Within a cold ``own`` run, the trials after the first find the first one's
 
     python benchmarks/trial_startup.py              # 4 trials per setting, about 10 minutes
     python benchmarks/trial_startup.py --trials 3 --modes shared shared-warm
+    python benchmarks/trial_startup.py --trials 3 --modes shared --data full --fresh-ray
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -49,9 +67,17 @@ from ray import tune
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mtl.data import tokenized_cache_dir
-from mtl.search.run import make_run_config, make_trainable
+from mtl.search.run import (
+    clean_scratch,
+    locate,
+    make_run_config,
+    make_trainable,
+    prebuild_data,
+    start_data_cache,
+)
 from mtl.search.space import parse_space
-from mtl.search.trainable import WORKER_RUNTIME_ENV, DataCache, run_trial
+from mtl.search.trainable import run_trial
+from mtl.search.warmup import WORKER_RUNTIME_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,13 +93,21 @@ def _process_start() -> float:
     return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_seconds() -> float:
+    """This process's CPU seconds so far (user + system, all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed_trial(config: dict, spec, out: str) -> None:
     """run_trial, recording when the first optimizer step ends."""
     started = time.time()
     marks: dict[str, float] = {}
 
     def first_step(optimizer, args, kwargs) -> None:
-        marks.setdefault("first_step", time.time())
+        if "first_step" not in marks:
+            marks["first_step"] = time.time()
+            marks["cpu_at_first_step"] = _cpu_seconds()
 
     handle = register_optimizer_step_post_hook(first_step)
     try:
@@ -90,9 +124,19 @@ def timed_trial(config: dict, spec, out: str) -> None:
 
 
 MODES = ("own", "own-warm", "shared", "shared-warm")
+SETTINGS = ("quick", "full")
 
 
-def run(setting: str, mode: str, trials: int, root: Path, data_dir: str) -> list[dict]:
+def init() -> None:
+    """Starts a local Ray as mtl.search.run.init_ray does: every worker warms its imports."""
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV
+    )
+
+
+def run(
+    setting: str, mode: str, trials: int, root: Path, data_dir: str, fresh_ray: bool
+) -> list[dict]:
     shared = mode.startswith("shared")
     if not mode.endswith("-warm"):  # cold: no tokenized data from an earlier run
         shutil.rmtree(tokenized_cache_dir(), ignore_errors=True)
@@ -124,8 +168,17 @@ def run(setting: str, mode: str, trials: int, root: Path, data_dir: str) -> list
             "failure": {"max_retries": 0},
         }
     )
-    cache = DataCache.remote() if shared else None
-    run_config = make_run_config(space, _experiment(space), verbose=0)
+    search_start, driver_start = time.time(), _cpu_seconds()
+    # In mtl.search's order (run_search): a search that starts its own Ray starts tokenizing
+    # before it; the cache starts as soon as Ray is up, then the scratch folders are cleaned (a
+    # Ray task per node) and the Tuner starts.
+    if fresh_ray:
+        if shared:
+            prebuild_data(space)
+        init()
+    cache = start_data_cache(space) if shared else None
+    clean_scratch(locate(space))
+    run_config = make_run_config(space, locate(space), verbose=0)
     tuner = tune.Tuner(
         make_trainable(space, cache, fn=timed_trial, out=str(out)),
         # As mtl.search runs trials: later trials reuse the first one's worker process.
@@ -133,8 +186,14 @@ def run(setting: str, mode: str, trials: int, root: Path, data_dir: str) -> list
         run_config=run_config,
     )
     tuner.fit()
+    driver_cpu = _cpu_seconds() - driver_start
+    cache_cpu = None
     if cache is not None:
+        # Everything the cache's process did: start, imports, weights, data (one build).
+        cache_cpu = ray.get(cache.__ray_call__.remote(lambda _: _cpu_seconds()))
         ray.kill(cache)
+    if fresh_ray:
+        ray.shutdown()
     rows = []
     for path in sorted(out.glob("*.json")):
         rec = json.loads(path.read_text())
@@ -142,16 +201,18 @@ def run(setting: str, mode: str, trials: int, root: Path, data_dir: str) -> list
             {
                 "from_function": rec["first_step"] - rec["function_start"],
                 "from_process": rec["first_step"] - rec["process_start"],
+                "from_search": rec["first_step"] - search_start,
                 "function_start": rec["function_start"],
+                "worker_cpu": rec["cpu_at_first_step"],
+                "cache_cpu": cache_cpu,
+                "driver_cpu": driver_cpu,
             }
         )
     return sorted(rows, key=lambda r: r["function_start"])
 
 
-def _experiment(space):
-    from mtl.search.run import locate
-
-    return locate(space)
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -164,33 +225,54 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="(default: all, in order)"
     )
+    parser.add_argument(
+        "--fresh-ray",
+        action="store_true",
+        help="start Ray for each setting, as each `python -m mtl.search` does (default: one Ray"
+        " for all, whose idle workers the later settings' first trials find warm)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        choices=SETTINGS,
+        default=list(SETTINGS),
+        help="quick: 400 training examples per task; full: all of them (default: both)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="trial-startup-"))
     # Before Ray starts, so that every worker inherits it.
     os.environ["MTL_CACHE_DIR"] = str(root / "cache")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # As mtl.search.run.init_ray starts Ray: every worker warms its imports as it starts.
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV
-    )
+    if not args.fresh_ray:
+        init()
     print(f"MiniLM on CPU, {args.trials} trials per setting, one at a time; seconds to first step")
     print(
         f"{'data':6} {'mode':11} {'first: function':>16} {'first: process':>15}"
-        f" {'later: function':>16}"
+        f" {'later: function':>16} {'worker CPU':>11} {'cache CPU':>10} {'driver CPU':>11}"
+        f" {'from search':>12}"
     )
     firsts, medians = {}, {}
-    for setting in ("quick", "full"):
+    for setting in args.data:
         for mode in args.modes:
-            rows = run(setting, mode, args.trials, root, args.data_dir)
+            rows = run(setting, mode, args.trials, root, args.data_dir, args.fresh_ray)
             firsts[(setting, mode)] = rows[0]["from_function"]
             medians[(setting, mode)] = statistics.median(r["from_function"] for r in rows[1:])
             print(
                 f"{setting:6} {mode:11} {rows[0]['from_function']:16.2f}"
-                f" {rows[0]['from_process']:15.2f} {medians[(setting, mode)]:16.2f}",
+                f" {rows[0]['from_process']:15.2f} {medians[(setting, mode)]:16.2f}"
+                f" {rows[0]['worker_cpu']:11.2f} {_seconds(rows[0]['cache_cpu']):>10}"
+                f" {rows[0]['driver_cpu']:11.2f} {rows[0]['from_search']:12.2f}",
                 flush=True,
             )
-    print("(later: the median of the trials after the first)")
-    for setting in ("quick", "full"):
+    print(
+        "(later: the median of the trials after the first; worker CPU: CPU seconds of the first"
+        " trial's process from its start to its first step; cache CPU: of the data cache's"
+        " process, all of it; driver CPU: of this process over the setting (the Tuner, and"
+        " the tokenizing it starts before Ray with --fresh-ray); from search: from the"
+        " setting's start, Ray's start included with --fresh-ray, to the first trial's first"
+        " step)"
+    )
+    for setting in args.data:
         if {"own", "shared"} <= set(args.modes):
             own, shared = medians[(setting, "own")], medians[(setting, "shared")]
             print(f"{setting}: later trials shared/own = {shared / own:.2f}")
@@ -202,7 +284,8 @@ def main() -> None:
         if {"shared", "shared-warm"} <= set(args.modes):
             cold, warm = firsts[(setting, "shared")], firsts[(setting, "shared-warm")]
             print(f"{setting}: first trial shared warm/cold = {warm / cold:.2f}")
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

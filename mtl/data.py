@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import requests
 import torch
+from filelock import FileLock
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
@@ -629,12 +631,49 @@ class Encoded:
         return len(self.ids)
 
 
-def _tensors(rows: list[list[int]]) -> list[torch.Tensor]:
-    return [torch.tensor(row, dtype=torch.long) for row in rows]
+def _sequences(rows: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-example 1-D long tensors (views into one buffer, as :meth:`Sequences.tensors` gives
+    them) and their lengths ``(n,)``: one conversion for the split, not one per example."""
+    sizes = [len(row) for row in rows]
+    flat = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    return list(flat.split(sizes)), torch.tensor(sizes, dtype=torch.long)
+
+
+@contextlib.contextmanager
+def _truncating(tokenizer: Any, max_length: int) -> Iterator[Any]:
+    """The fast tokenizer's Rust backend, set as ``tokenizer(..., truncation=True,
+    max_length=max_length)`` sets it (longest-first truncation, no padding, special tokens in
+    the text read as text unless ``split_special_tokens`` says otherwise); the backend's own
+    settings are restored afterwards, so a later plain call of the tokenizer is not truncated."""
+    backend = tokenizer.backend_tokenizer
+    truncation, padding = backend.truncation, backend.padding
+    special = backend.encode_special_tokens
+    backend.enable_truncation(
+        max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side
+    )
+    backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    try:
+        yield backend
+    finally:
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
+        backend.encode_special_tokens = special
 
 
 def encode(raw: RawSplit, tokenizer: Any, max_length: int, design: int) -> Encoded:
     """Batch-tokenize a split with a fast tokenizer (one call per column, truncated).
+
+    The token ids are those of ``tokenizer(raw.text_a, raw.text_b, truncation=True,
+    max_length=max_length)``; the batch goes straight to the Rust backend
+    (``encode_batch_fast``, which uses the ``tokenizers`` thread pool unless
+    ``TOKENIZERS_PARALLELISM`` is false) and skips transformers' conversion of every example
+    into Python dicts: 1.9 instead of 2.9 CPU seconds for all the CS224N training data
+    (benchmarks/RESULTS_search.md).
 
     Args:
         raw: The split.
@@ -648,22 +687,18 @@ def encode(raw: RawSplit, tokenizer: Any, max_length: int, design: int) -> Encod
     """
     if design not in (1, 2):
         raise ValueError(f"design must be 1 or 2, got {design}")
-    kwargs = {"truncation": True, "max_length": max_length, "return_attention_mask": False}
-    n = len(raw)
     token_type_ids = input_ids_b = None
-    if raw.text_b is not None and design == 2:
-        out = tokenizer(raw.text_a, raw.text_b, return_token_type_ids=True, **kwargs) if n else {}
-        input_ids = _tensors(out.get("input_ids", []))
-        token_type_ids = _tensors(out.get("token_type_ids", []))
-        lengths = [len(x) for x in input_ids]
-    else:
-        out = tokenizer(raw.text_a, return_token_type_ids=False, **kwargs) if n else {}
-        input_ids = _tensors(out.get("input_ids", []))
-        lengths = [len(x) for x in input_ids]
-        if raw.text_b is not None:
-            out_b = tokenizer(raw.text_b, return_token_type_ids=False, **kwargs) if n else {}
-            input_ids_b = _tensors(out_b.get("input_ids", []))
-            lengths = [max(la, len(b)) for la, b in zip(lengths, input_ids_b, strict=True)]
+    with _truncating(tokenizer, max_length) as backend:
+        batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.20
+        if raw.text_b is not None and design == 2:
+            pairs = batch(list(zip(raw.text_a, raw.text_b, strict=True)))
+            input_ids, lengths = _sequences([e.ids for e in pairs])
+            token_type_ids, _ = _sequences([e.type_ids for e in pairs])
+        else:
+            input_ids, lengths = _sequences([e.ids for e in batch(raw.text_a)])
+            if raw.text_b is not None:
+                input_ids_b, lengths_b = _sequences([e.ids for e in batch(raw.text_b)])
+                lengths = torch.maximum(lengths, lengths_b)
     labels = None
     if raw.labels is not None:
         # The task's parse_label returns ints for a class per logit (cross-entropy wants long).
@@ -677,7 +712,7 @@ def encode(raw: RawSplit, tokenizer: Any, max_length: int, design: int) -> Encod
         input_ids=input_ids,
         token_type_ids=token_type_ids,
         input_ids_b=input_ids_b,
-        lengths=torch.tensor(lengths, dtype=torch.long),
+        lengths=lengths,
     )
 
 
@@ -1012,6 +1047,16 @@ def tokenized_cache_dir() -> Path:
     return cache_root() / "tokenized"
 
 
+def tokenized_path(
+    cfg: DataConfig, data_dir: Path, tokenizer_dir: Path, design: int, seed: int
+) -> Path:
+    """Where :func:`load_packed_task_data` stores (or finds) this data: ``<key>.pkl`` in
+    :func:`tokenized_cache_dir` (:func:`tokenized_key`)."""
+    return (
+        tokenized_cache_dir() / f"{tokenized_key(cfg, data_dir, tokenizer_dir, design, seed)}.pkl"
+    )
+
+
 def _warn_reports(data: TaskData) -> None:
     # What load_task_data warns while it reads, said again for data read from the cache.
     for report in data.reports:
@@ -1031,7 +1076,11 @@ def load_packed_task_data(
     With ``cfg.cache_tokenized`` the data is looked up in :func:`tokenized_cache_dir` under
     :func:`tokenized_key`; a hit skips reading and tokenizing and logs the same skip warnings,
     a miss builds the data and stores it (written atomically, so concurrent runs never read a
-    part). A cache file that cannot be read is rebuilt with a warning.
+    part). A cache file that cannot be read is rebuilt with a warning. One process builds a
+    given dataset at a time (a ``filelock`` beside the file, as stage 1's cache does): another
+    that asks for it meanwhile waits and reads the file, so a search whose driver starts the
+    tokenizing before Ray (:func:`mtl.search.run.prebuild_data`), or trials that load their own
+    data at once, tokenize it once.
 
     Args:
         cfg: The data section of the config.
@@ -1049,34 +1098,66 @@ def load_packed_task_data(
     if not cfg.cache_tokenized:
         return pack(load_task_data(cfg, tokenizer, design, seed))
     data_dir = resolve_data_dir(cfg.data_dir)
-    path = (
-        tokenized_cache_dir() / f"{tokenized_key(cfg, data_dir, tokenizer_dir, design, seed)}.pkl"
-    )
-    if path.is_file():
+    path = tokenized_path(cfg, data_dir, tokenizer_dir, design, seed)
+    data = _read_cached(path, data_dir)
+    if data is not None:
+        return data
+    with _building(path):
+        data = _read_cached(path, data_dir)  # built by the process that held the lock
+        if data is not None:
+            return data
+        data = pack(load_task_data(cfg, tokenizer, design, seed, data_dir=data_dir))
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as fh:
+                pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
         try:
-            with path.open("rb") as fh:
-                data = pickle.load(fh)
-            if not isinstance(data, TaskData):
-                raise TypeError(f"holds a {type(data).__name__}, not TaskData")
-        except Exception as err:  # any unreadable file is only a miss; it is rebuilt below
-            logger.warning(
-                "tokenized cache %s unreadable (%s: %s); tokenizing again",
-                path,
-                type(err).__name__,
-                err,
-            )
-        else:
-            logger.info("tokenized data from the cache: %s", path)
-            _warn_reports(data)
-            return replace(data, data_dir=data_dir)
-    data = pack(load_task_data(cfg, tokenizer, design, seed, data_dir=data_dir))
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as fh:
-            pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
-
-    try:
-        atomic_write(path, write)
-    except OSError as err:  # a full or read-only disk costs the next run the tokenizing only
-        logger.warning("could not store the tokenized data in %s: %s", path, err)
+            atomic_write(path, write)
+        except OSError as err:  # a full or read-only disk costs the next run the tokenizing only
+            logger.warning("could not store the tokenized data in %s: %s", path, err)
     return data
+
+
+def _read_cached(path: Path, data_dir: Path) -> TaskData | None:
+    """The tokenized data stored at ``path``; None if absent or unreadable (then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as fh:
+            data = pickle.load(fh)
+        if not isinstance(data, TaskData):
+            raise TypeError(f"holds a {type(data).__name__}, not TaskData")
+    except Exception as err:  # any unreadable file is only a miss; it is rebuilt
+        logger.warning(
+            "tokenized cache %s unreadable (%s: %s); tokenizing again",
+            path,
+            type(err).__name__,
+            err,
+        )
+        return None
+    logger.info("tokenized data from the cache: %s", path)
+    _warn_reports(data)
+    return replace(data, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _building(path: Path) -> Iterator[None]:
+    """Holds ``<path>.lock`` while this process builds ``path``; without a writable cache
+    folder there is nothing to share, and the data is built unlocked."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except TimeoutError:
+            logger.info("another run is tokenizing %s; waiting for it", path.name)
+            lock.acquire()
+    except OSError as err:
+        logger.warning("could not lock %s (%s); tokenizing without it", path, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import stats
 
 if TYPE_CHECKING:
     from mtl.tasks import Task
@@ -67,6 +66,11 @@ def pearson(pred: np.ndarray, gold: np.ndarray) -> float | None:
     :func:`pearson_undefined`), never a number that looks real."""
     if pearson_undefined(pred, gold) is not None:
         return None
+    # Imported here: scipy.stats costs a second of CPU, and every process that reads a config
+    # imports this module, among them the search's data cache, which a fresh trial waits for.
+    # Search workers import it as they start (mtl.search.warmup.WARM_MODULES).
+    from scipy import stats
+
     return float(stats.pearsonr(np.asarray(pred, np.float64), np.asarray(gold, np.float64))[0])
 
 

@@ -315,6 +315,100 @@ def test_encode_truncates_to_max_length(tokenizer, design: int) -> None:
     assert enc.lengths[0] == 16 and enc.lengths[1] < 16
 
 
+# Texts a fast tokenizer may treat specially: empty and blank, accents and other scripts (BERT's
+# normalizer), special tokens written as text, control characters, and lengths that make
+# longest-first truncation cut one side of a pair, the other, or both.
+EDGE_TEXTS = [
+    "",
+    "   ",
+    "[SEP] [CLS] [MASK] [PAD] [UNK]",
+    "Ünïcödé café naïve résumé ÀÉÎÕÜ",
+    "中文字符 日本語 한국어 🙂👍🏽",
+    "control\x00chars\x7f and\ttabs\u200b zero-width",
+    "long " * 90,
+    "unbelievably antidisestablishmentarianism " * 20,
+    "a",
+]
+
+
+def _edge_cases(task: str) -> D.RawSplit:
+    pair = task != "sst"
+    firsts = [a for a in EDGE_TEXTS for _ in EDGE_TEXTS] if pair else EDGE_TEXTS
+    seconds = [b for _ in EDGE_TEXTS for b in EDGE_TEXTS] if pair else None
+    n = len(firsts)
+    return D.RawSplit(
+        task=task,
+        split="test",
+        ids=[f"edge{i}" for i in range(n)],
+        text_a=firsts,
+        text_b=seconds,
+        labels=None,
+        report=D.SkipReport(file="edge.csv", rows=n),
+    )
+
+
+def _plain_ids(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int):
+    """What the tokenizer's own call gives: the reference encode must match."""
+    out = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    return out["input_ids"], out.get("token_type_ids")
+
+
+@pytest.mark.parametrize("design", [1, 2])
+@pytest.mark.parametrize(
+    ("task", "split", "max_length"),
+    [
+        *((task, split, 64) for task, split in PRESENT),
+        *((task, "edge cases", n) for task in BUILTIN for n in (64, 13)),
+    ],
+    ids=str,
+)
+def test_encode_gives_the_tokenizers_own_ids(
+    tokenizer, task: str, split: str, design: int, max_length: int
+) -> None:
+    """encode goes straight to the Rust backend: every id, type id and length is still the
+    one the tokenizer's plain call gives, on the real files (every row) and the edge cases."""
+    raw = _edge_cases(task) if split == "edge cases" else D.read_split(DATA_DIR, task, split)
+    enc = D.encode(raw, tokenizer, max_length=max_length, design=design)
+    as_lists = [t.tolist() for t in enc.input_ids]
+    if raw.text_b is not None and design == 2:
+        ids, types = _plain_ids(tokenizer, raw.text_a, raw.text_b, max_length)
+        assert as_lists == ids
+        assert [t.tolist() for t in enc.token_type_ids] == types
+        assert enc.input_ids_b is None
+        expected_lengths = [len(x) for x in ids]
+    else:
+        ids, _ = _plain_ids(tokenizer, raw.text_a, None, max_length)
+        assert as_lists == ids and enc.token_type_ids is None
+        expected_lengths = [len(x) for x in ids]
+        if raw.text_b is not None:
+            ids_b, _ = _plain_ids(tokenizer, raw.text_b, None, max_length)
+            assert [t.tolist() for t in enc.input_ids_b] == ids_b
+            expected_lengths = [
+                max(a, b) for a, b in zip(expected_lengths, map(len, ids_b), strict=True)
+            ]
+    assert enc.lengths.tolist() == expected_lengths and enc.lengths.dtype == torch.long
+    assert all(t.dtype == torch.long and t.ndim == 1 for t in enc.input_ids)
+    assert max(expected_lengths) <= max_length
+
+
+def test_encode_leaves_the_tokenizer_as_found(tokenizer) -> None:
+    """The shared tokenizer is not left truncating or padding: its backend's settings after
+    encode are the ones it had, including padding someone else set."""
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.enable_padding(pad_id=0, pad_token="[PAD]", length=7)
+    try:
+        D.encode(_raw("para", 3), tokenizer, max_length=16, design=2)
+        assert backend.truncation is None
+        assert backend.padding is not None and backend.padding["length"] == 7
+        long = "word " * 40
+        assert len(backend.encode(long).ids) > 16  # not truncated by encode's max_length
+    finally:
+        backend.no_padding()
+    D.encode(_raw("para", 3), tokenizer, max_length=16, design=2)
+    assert backend.truncation is None and backend.padding is None
+
+
 def test_encode_empty_split(tokenizer) -> None:
     enc = D.encode(_raw("para", 0, split="test"), tokenizer, max_length=32, design=2)
     assert len(enc) == 0 and enc.lengths.numel() == 0 and enc.labels is not None

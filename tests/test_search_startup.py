@@ -7,6 +7,7 @@ data files. The seconds themselves are measured in ``benchmarks/trial_startup.py
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import pytest
 import ray
 
 from mtl.config import build_config, merge
-from mtl.search.run import _settings, init_ray, make_trainable
+from mtl.data import tokenized_path, unpack
+from mtl.search.data_cache import DataCache, data_key
+from mtl.search.run import _settings, init_ray, make_trainable, prebuild_data, start_data_cache
 from mtl.search.space import parse_space
-from mtl.search.trainable import WARM_MODULES, DataCache, TrialSpec, _shared_data, data_key
+from mtl.search.trainable import TrialSpec, _shared_data
+from mtl.search.warmup import WARM_MODULES
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +43,35 @@ def test_a_fresh_worker_has_the_trainer_imported_before_its_first_task(local_ray
     assert all(ray.get(_imported.remote(WARM_MODULES)).values())
 
 
+# What a trial needs and the data cache does not: the first trial waits for the cache, so none of
+# these may be on the cache's path (its process imports them in seconds of CPU).
+NOT_FOR_THE_CACHE = ("torch._dynamo", "ray.tune", "scipy", "mtl.search.trainable")
+# Sent by value (a lambda): a function of this module would make the actor import this module.
+_loaded = lambda _: [name for name in NOT_FOR_THE_CACHE if name in sys.modules]  # noqa: E731
+
+
 def test_the_data_cache_starts_without_the_warm_up(local_ray) -> None:
     cache = DataCache.remote()
     try:
-        dynamo = ray.get(cache.__ray_call__.remote(lambda _: "torch._dynamo" in sys.modules))
-        assert not dynamo
+        assert ray.get(cache.__ray_call__.remote(_loaded)) == []
+    finally:
+        ray.kill(cache)
+
+
+def test_the_data_cache_builds_without_the_trials_imports(
+    local_ray, tmp_path, tiny_backbone, real_data_dir
+) -> None:
+    """Building the data and reading the weights import no more than they need."""
+    cache = DataCache.remote()
+    try:
+        space = space_for(tmp_path, tiny_backbone, real_data_dir, LR)
+        trial = merge(space.trial_config({}), _settings(space))
+        ray.get(cache.prefetch.remote(data_key(trial), trial, str(tiny_backbone)))
+        assert ray.get(cache.cached.remote()) == {
+            "data": [data_key(trial)],
+            "weights": [str(tiny_backbone)],
+        }
+        assert ray.get(cache.__ray_call__.remote(_loaded)) == []
     finally:
         ray.kill(cache)
 
@@ -90,6 +118,64 @@ def test_making_the_trainable_starts_the_cache_on_the_trials_data(
         assert held["data"] == ([data_key(trial)] if data_prefetched else [])
     finally:
         ray.kill(cache)
+
+
+def test_the_search_starts_its_cache_on_the_trials_data_before_the_trainable(
+    local_ray, tmp_path, tiny_backbone, real_data_dir
+) -> None:
+    """run_search starts the cache as soon as Ray is up; making the trainable later finds the
+    data and weights there and builds nothing again."""
+    space = space_for(tmp_path, tiny_backbone, real_data_dir, LR)
+    cache = start_data_cache(space)
+    try:
+        trial = merge(space.trial_config({}), _settings(space))
+        built = {"data": [data_key(trial)], "weights": [str(tiny_backbone)]}
+        assert ray.get(cache.cached.remote()) == built
+        first = ray.get(cache.get.remote(data_key(trial), trial))[0]
+        make_trainable(space, cache)
+        assert ray.get(cache.cached.remote()) == built
+        assert ray.get(cache.get.remote(data_key(trial), trial))[0] == first  # the same object
+    finally:
+        ray.kill(cache)
+
+
+@pytest.mark.parametrize(("parameters", "builds"), [(LR, True), (MAX_LENGTH, False)])
+def test_the_driver_tokenizes_ahead_into_the_tokenized_cache(
+    tmp_path, tiny_backbone, real_data_dir, monkeypatch, parameters, builds
+) -> None:
+    """prebuild_data (before Ray starts) stores the trials' data where the cache looks for it,
+    unless the trials' data differs between trials; a second call finds the file and stores
+    nothing again."""
+    monkeypatch.setenv("MTL_CACHE_DIR", str(tmp_path / "cache"))
+    space = space_for(tmp_path, tiny_backbone, real_data_dir, parameters)
+    thread = prebuild_data(space)
+    assert (thread is not None) == builds
+    if thread is None:
+        return
+    thread.join(timeout=120)
+    trial = build_config(merge(space.trial_config({}), _settings(space)))
+    path = tokenized_path(trial.data, real_data_dir, tiny_backbone, trial.model.design, trial.seed)
+    assert assert_loads(path, trial)
+    stored = path.stat().st_mtime_ns
+    again = prebuild_data(space)
+    again.join(timeout=120)
+    assert path.stat().st_mtime_ns == stored
+
+
+def assert_loads(path: Path, trial) -> bool:
+    """The stored file is what the trainer's own loading gives for the trial's config."""
+    # Imported here: Ray workers import this module (for _imported), which must not import the
+    # trainer itself.
+    from mtl.train import load_data
+
+    with path.open("rb") as fh:
+        stored = pickle.load(fh)
+    fresh = load_data(trial)
+    return all(
+        [t.tolist() for t in unpack(stored).train[task].input_ids]
+        == [t.tolist() for t in fresh.train[task].input_ids]
+        for task in fresh.train
+    )
 
 
 def test_a_failed_prefetch_leaves_the_error_to_the_trials(local_ray, tmp_path, tiny_backbone):

@@ -10,12 +10,14 @@ import json
 import logging
 import pickle
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 from mtl.backbones import load_tokenizer
 from mtl.config import DataConfig
@@ -24,6 +26,7 @@ from mtl.data import (
     load_packed_task_data,
     load_task_data,
     tokenized_cache_dir,
+    tokenized_key,
     unpack,
 )
 
@@ -179,6 +182,34 @@ def test_concurrent_writers_leave_one_whole_file(real_data_dir: Path, tiny_backb
     assert len(_files()) == 1
     assert not list(tokenized_cache_dir().glob(".*"))  # no temporary file left
     assert_same_data(_load(cfg, load_tokenizer(tiny_backbone), tiny_backbone), results[0])
+
+
+def test_a_build_in_progress_is_waited_for_and_read_not_repeated(
+    real_data_dir: Path, tiny_backbone: Path, tokenizer
+) -> None:
+    """While another process holds the dataset's lock (it is tokenizing), a second asker waits,
+    then reads what the first stored instead of tokenizing again: here the file the lock
+    holder stores is another slice of the data, so only reading it gives that slice."""
+    cfg = _cfg(real_data_dir)
+    other = load_packed_task_data(
+        _cfg(real_data_dir, max_train_examples=8), tokenizer, tiny_backbone, 2, 0
+    )
+    (other_path,) = _files()
+    other_path.unlink()
+    path = tokenized_cache_dir() / f"{tokenized_key(cfg, real_data_dir, tiny_backbone, 2, 0)}.pkl"
+    lock = FileLock(f"{path}.lock")
+    lock.acquire()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            asked = pool.submit(_load, cfg, load_tokenizer(tiny_backbone), tiny_backbone)
+            time.sleep(2)  # ample for this slice's build, were it not waiting
+            assert not asked.done()
+            path.write_bytes(pickle.dumps(other))
+        finally:
+            lock.release()
+        got = asked.result(timeout=60)
+    assert_same_data(got, unpack(other))
+    assert len(got.train["sst"]) == 8
 
 
 def test_switched_off_stores_nothing(real_data_dir: Path, tiny_backbone: Path, tokenizer) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from mtl.config import build_config, merge
 from mtl.metrics import best_key
 from mtl.search import results as results_lib
 from mtl.search.board import SearchBoard
+from mtl.search.data_cache import DataCache
 from mtl.search.experiment import (
     REPEATS_SUFFIX,
     RESTORE,
@@ -44,15 +46,15 @@ from mtl.search.searcher import CLOSED_ATTR, STEP_KEY, PruningOptunaSearch, make
 from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
 from mtl.search.trainable import (
     POINT_KEY,
-    WORKER_RUNTIME_ENV,
-    DataCache,
     NoRetryOnNonFinite,
     TrialSpec,
     prefetch,
     remove_scratch,
     run_trial,
+    shares_data,
     trial_dirname,
 )
+from mtl.search.warmup import WORKER_RUNTIME_ENV
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def init_ray(
     include_dashboard: bool | None = None,
 ) -> None:
     """Join ``address`` (or $RAY_ADDRESS), else start a local Ray for this run; either way
-    every worker of this job warms its imports as it starts (:func:`warm_worker`)."""
+    every worker of this job warms its imports as it starts (:func:`mtl.search.warmup.warm_worker`)."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
@@ -248,10 +250,9 @@ def make_scheduler(space: DesignSpace) -> FIFOScheduler | EvaluationASHA:
     )
 
 
-def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **kwargs: Any):
-    """``fn(config, spec=TrialSpec, **kwargs)`` with the trial's resources (benchmarks wrap it);
-    the data cache starts building the trials' data now (:func:`prefetch`)."""
-    spec = TrialSpec(
+def trial_spec(space: DesignSpace, data_cache: Any) -> TrialSpec:
+    """What every trial of ``space`` shares."""
+    return TrialSpec(
         scratch=scratch_key(locate(space)),
         base=space.trial_config({}),
         paths=space.paths,
@@ -259,6 +260,57 @@ def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **k
         data_cache=data_cache,
         settings=_settings(space),
     )
+
+
+def prebuild_data(space: DesignSpace) -> threading.Thread | None:
+    """Starts tokenizing the trials' data into the tokenized cache in a thread of this process.
+
+    Called before the search starts its local Ray, so that the tokenizing runs while Ray and
+    its workers start; the data cache then finds the file, or waits for this build to finish
+    and reads it (the cache's file lock, :func:`mtl.data.load_packed_task_data`). None (nothing
+    started) when the trials' data differs between trials (:func:`shares_data`) or is not
+    cached (``data.cache_tokenized: false``). A failure is only logged: the cache builds
+    again and the trials report the error.
+    """
+    spec = trial_spec(space, None)
+    cfg = build_config(merge(spec.base, spec.settings))  # as run_trial builds a trial's config
+    if not shares_data(spec) or not cfg.data.cache_tokenized:
+        return None
+
+    def build() -> None:
+        from mtl.backbones import resolve_backbone
+        from mtl.data import resolve_data_dir, tokenized_path
+
+        try:
+            folder = resolve_backbone(cfg.model.backbone)
+            data_dir = resolve_data_dir(cfg.data.data_dir)
+            if tokenized_path(cfg.data, data_dir, folder, cfg.model.design, cfg.seed).is_file():
+                return  # stored by an earlier run: the cache reads it
+            from mtl.train import load_packed_data
+
+            load_packed_data(cfg)
+        except Exception as err:  # the cache's own build raises it again, for the trials
+            log.info("building the data ahead failed (%s: %s)", type(err).__name__, err)
+
+    thread = threading.Thread(target=build, name="mtl-prebuild-data", daemon=True)
+    thread.start()
+    return thread
+
+
+def start_data_cache(space: DesignSpace) -> Any:
+    """A new data cache actor, already building the first trials' data and reading their
+    weights (:func:`prefetch`): started as soon as Ray is up, so that it works while the search
+    sets up and its workers start, and the first trial finds the data built."""
+    data_cache = DataCache.remote()
+    prefetch(trial_spec(space, data_cache))
+    return data_cache
+
+
+def make_trainable(space: DesignSpace, data_cache: Any, fn: Any = run_trial, **kwargs: Any):
+    """``fn(config, spec=TrialSpec, **kwargs)`` with the trial's resources (benchmarks wrap it);
+    the data cache starts building the trials' data now, unless it already has
+    (:func:`prefetch`)."""
+    spec = trial_spec(space, data_cache)
     prefetch(spec)
     res = space.resources_per_trial
     return tune.with_resources(
@@ -400,6 +452,9 @@ def run_search(
     if not smoke:
         space = resolve(space)
         action = plan(locate(space), resume=resume, overwrite=overwrite)
+    if not smoke and address is None and not os.environ.get("RAY_ADDRESS"):
+        # The local Ray this search starts shares this machine's tokenized cache.
+        prebuild_data(space)
     init_ray(address, num_cpus, dashboard_host, include_dashboard)
     if smoke:
         # On a cluster that autoscales from zero workers no GPU is there yet: keep the trial's.
@@ -409,8 +464,17 @@ def run_search(
     if address is None and not os.environ.get("RAY_ADDRESS"):
         check_fits(space, ray.cluster_resources())
     exp = locate(space)
-    probe_storage(exp.storage_path)
-    start(space, exp, action)
+    # The data cache starts on the first trials' data and weights now, while the storage is
+    # probed, the experiment and its study are set up and the scratch folders are cleaned (each
+    # a Ray task that waits for a worker to start): the first trial then finds the data built
+    # instead of waiting for the tokenizing (benchmarks/trial_startup.py).
+    data_cache = start_data_cache(space)
+    try:
+        probe_storage(exp.storage_path)
+        start(space, exp, action)
+    except BaseException:
+        ray.kill(data_cache)
+        raise
     print(f"experiment: {exp.path}")
     print(f"  tensorboard --logdir {exp.path}")
     if exp.study_url:
@@ -419,7 +483,6 @@ def run_search(
         print(make_scheduler(space).describe())
 
     clean_scratch(exp)
-    data_cache = DataCache.remote()
     run_tuner(space, exp, resume=action == RESTORE, data_cache=data_cache, verbose=verbose)
     clean_scratch(exp)
     study = finish_study(exp)

@@ -11,14 +11,16 @@ What runs where:
   and ``best/`` folders are left out of the artifact sync: Tune's own checkpoints (ranked by the
   objective) are the durable copies.
 * A retried trial resumes from ``tune.get_checkpoint()``.
-* The tokenized data comes from a :class:`DataCache` actor that builds each distinct dataset once
-  per experiment (or loads it from the on-disk tokenized cache an earlier run stored,
-  :func:`mtl.data.load_packed_task_data`) and keeps it in Ray's object store. The backbone's pretrained weights come from
-  the same actor: read from disk once, fetched once per node, shared by the trials there.
-* Every Ray worker imports the trainer's heavy modules as it starts (:func:`warm_worker`, Ray's
-  ``worker_process_setup_hook``), and the cache starts building the data and reading the weights
-  when the trainable is made (:func:`prefetch`), so a fresh worker's first trial neither imports
-  nor waits from its first line (``benchmarks/trial_startup.py``).
+* The tokenized data comes from a :class:`~mtl.search.data_cache.DataCache` actor that builds
+  each distinct dataset once per experiment (or loads it from the on-disk tokenized cache an
+  earlier run stored, :func:`mtl.data.load_packed_task_data`) and keeps it in Ray's object
+  store. The backbone's pretrained weights come from the same actor: read from disk once,
+  fetched once per node, shared by the trials there.
+* Every Ray worker imports the trainer's heavy modules as it starts
+  (:func:`mtl.search.warmup.warm_worker`, Ray's ``worker_process_setup_hook``), and the cache
+  starts building the data and reading the weights as soon as the search has started Ray
+  (:func:`prefetch`, called by :func:`mtl.search.run.start_data_cache`), so a fresh worker's
+  first trial neither imports nor waits from its first line (``benchmarks/trial_startup.py``).
 * A non-finite loss reports one result flagged ``nonfinite`` and re-raises; the driver's
   :class:`NoRetryOnNonFinite` callback sees the flag and spends the trial's retries, so the error
   ends the trial at once.
@@ -29,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import importlib
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from mtl import allocator
 from mtl.config import build_config, merge
 from mtl.data import unpack
 from mtl.metrics import best_key
+from mtl.search.data_cache import data_key
 from mtl.search.space import trial_config_dict
 
 log = logging.getLogger(__name__)
@@ -73,40 +75,6 @@ class TrialSpec:
     scratch: str = "default"  # this experiment's folder under scratch_root() on every node
 
 
-# What a trial imports on its way to its first optimizer step, slowest first (seconds of CPU on
-# a fresh worker, benchmarks/trial_startup.py): torch.optim's step wrapper and torch's meta-device
-# init import torch._dynamo; the trainer, its TensorBoard writer, and transformers' BERT tokenizer.
-WARM_MODULES = (
-    "torch._dynamo",
-    "mtl.train",
-    "torch.utils.tensorboard",
-    "transformers.models.auto.tokenization_auto",
-    "transformers.models.bert.tokenization_bert",
-)
-# The runtime_env that runs warm_worker in every worker process of a search, as it starts.
-WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "mtl.search.trainable.warm_worker"}
-# Set (in its runtime_env) for the data cache's worker: it tokenizes and reads weights but never
-# steps an optimizer, and the first trial waits for it, so it starts without the warm-up.
-NO_WARM_ENV = "MTL_NO_WARM_IMPORTS"
-
-
-def warm_worker() -> None:
-    """Imports :data:`WARM_MODULES`: Ray's ``worker_process_setup_hook`` for search workers.
-
-    Ray runs it once per worker process before the worker takes its first task, while the
-    driver still sets up the trial and the data cache builds the data, so the first trial in
-    the worker starts with the imports done. A module that fails to import is only logged:
-    the trial then imports it itself and reports the real error.
-    """
-    if os.environ.get(NO_WARM_ENV):
-        return
-    for name in WARM_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            log.warning("warm-up import of %s failed: %s", name, err)
-
-
 def prefetch(spec: TrialSpec) -> None:
     """Starts the cache building the base config's data and reading its weights, not waiting.
 
@@ -117,11 +85,18 @@ def prefetch(spec: TrialSpec) -> None:
     if spec.data_cache is None:
         return
     cfg_dict = merge(spec.base, spec.settings)  # as run_trial builds a trial's config
-    keyed = ("data.", "model.backbone", "model.design", "seed")
-    fixed = not any(path.startswith(keyed) for path in spec.paths.values())
     spec.data_cache.prefetch.remote(
-        data_key(cfg_dict) if fixed else None, cfg_dict, build_config(cfg_dict).model.backbone
+        data_key(cfg_dict) if shares_data(spec) else None,
+        cfg_dict,
+        build_config(cfg_dict).model.backbone,
     )
+
+
+def shares_data(spec: TrialSpec) -> bool:
+    """Whether every trial reads the base config's data: no search parameter changes what the
+    data depends on (:func:`data_key`)."""
+    keyed = ("data.", "model.backbone", "model.design", "seed")
+    return not any(path.startswith(keyed) for path in spec.paths.values())
 
 
 def scratch_root() -> Path:
@@ -151,62 +126,6 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     if POINT_KEY in config:
         return {**config[POINT_KEY], **{k: v for k, v in config.items() if k != POINT_KEY}}
     return dict(config)
-
-
-def data_key(cfg_dict: dict[str, Any]) -> str:
-    """What the tokenized data depends on: tokenizer (backbone), data settings, design, seed."""
-    cfg = build_config(cfg_dict)
-    return json.dumps(
-        [cfg.model.backbone, cfg.data.model_dump(mode="json"), cfg.model.design, cfg.seed],
-        sort_keys=True,
-    )
-
-
-@ray.remote(num_cpus=0, runtime_env={"env_vars": {NO_WARM_ENV: "1"}})
-class DataCache:
-    """Builds (or loads from disk) each distinct tokenized dataset once and keeps it, packed
-    (:func:`mtl.data.pack`), in the object store."""
-
-    def __init__(self) -> None:
-        self._refs: dict[str, ray.ObjectRef] = {}
-        self._weights: dict[str, ray.ObjectRef] = {}
-
-    def get(self, key: str, cfg_dict: dict[str, Any]) -> list[ray.ObjectRef]:
-        # A list, so that Ray hands the caller the reference instead of resolving it here.
-        if key not in self._refs:
-            from mtl.train import load_packed_data
-
-            self._refs[key] = ray.put(load_packed_data(build_config(cfg_dict)))
-        return [self._refs[key]]
-
-    def weights(self, backbone: str) -> list[ray.ObjectRef]:
-        """The backbone's pretrained weights as NumPy arrays: each node fetches them once into
-        its object store and every trial there reads them from shared memory, not from disk."""
-        if backbone not in self._weights:
-            from mtl.backbones import resolve_backbone
-            from mtl.bert import read_checkpoint
-
-            state = read_checkpoint(resolve_backbone(backbone))
-            self._weights[backbone] = ray.put({k: v.numpy() for k, v in state.items()})
-        return [self._weights[backbone]]
-
-    def prefetch(self, key: str | None, cfg_dict: dict[str, Any], backbone: str) -> None:
-        """:meth:`weights`, then :meth:`get` unless ``key`` is None, ahead of the trials.
-
-        A failure (a missing data file, a broken backbone) is only logged here: nothing waits
-        on this call, and each trial's own call builds again and fails with the real error,
-        which the trial reports.
-        """
-        try:
-            self.weights(backbone)
-            if key is not None:
-                self.get(key, cfg_dict)
-        except Exception as err:  # each trial's own call raises it again, and reports it
-            log.info("prefetch failed (%s: %s); the trials will report it", type(err).__name__, err)
-
-    def cached(self) -> dict[str, list[str]]:
-        """The data keys (``data``) and backbones (``weights``) built so far."""
-        return {"data": list(self._refs), "weights": list(self._weights)}
 
 
 def _shared_weights(spec: TrialSpec, backbone: str) -> dict[str, Any] | None:
