@@ -4,20 +4,16 @@ One root (``$MTL_CACHE_DIR``, else ``~/.cache/mtl``), with a folder per user of 
 data (:mod:`mtl.data`, ``data/<commit>``), the stage-1 encoders (:mod:`mtl.contrastive`,
 ``stage1``) and the Optuna studies of experiments on object storage
 (:mod:`mtl.search.experiment`, ``studies``); one content digest (sha256 of a file's bytes); one way to write a file so that a
-reader never sees it half-written (a temporary name in the same folder, then an atomic rename);
-one way to build a cached file in one process at a time (a ``filelock`` beside it).
+reader never sees it half-written (a temporary name in the same folder, then an atomic rename).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-from filelock import FileLock
 
 
 def cache_root() -> Path:
@@ -47,24 +43,3 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def exclusive(lock_path: Path, waiting: Callable[[], None]) -> Iterator[None]:
-    """Hold the file lock ``lock_path`` for the block: one process at a time builds a cached
-    file, and the others wait, then find it built. ``waiting()`` runs (say, to log it) before
-    blocking when another process holds the lock.
-
-    Raises:
-        OSError: the lock file cannot be created (e.g. a read-only folder).
-    """
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except TimeoutError:
-        waiting()
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -63,7 +64,7 @@ from torch import Tensor
 from mtl import data as data_lib
 from mtl.backbones import Backbone, load_backbone
 from mtl.bert import BertModel
-from mtl.cache import atomic_write, cache_root, exclusive, sha256_file
+from mtl.cache import atomic_write, cache_root, sha256_file
 from mtl.config import Config, ContrastiveConfig
 from mtl.tasks import BUILTIN, STAGE1_TASK
 
@@ -422,18 +423,29 @@ def run_stage1(
     if path.is_file():
         return hit()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(
-        cache_dir / f"{key}.lock",
-        lambda: log.info("stage 1: another run is training %s; waiting for it", path.name),
-    ):
+    lock = FileLock(cache_dir / f"{key}.lock")
+    if not _try_acquire(lock):
+        log.info("stage 1: another run is training %s; waiting for it", path.name)
+        lock.acquire()
+    try:
         if path.is_file():  # trained by the run that held the lock
             return hit()
         train_raw = _keep_ids(pool, stage1_ids)
         record = _train_and_cache(
             cfg, backbone, weights, data_dir, train_raw, path, device, autocast
         )
+    finally:
+        lock.release()
     log.info("stage 1: trained %d steps, cached %s", record["steps"], path)
     return Stage1Result(path, key, False, record["steps"], ids, record)
+
+
+def _try_acquire(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _train_and_cache(

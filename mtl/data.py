@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import requests
 import torch
+from filelock import FileLock
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from mtl.cache import atomic_write, cache_root, exclusive, sha256_file
+from mtl.cache import atomic_write, cache_root, sha256_file
 from mtl.tasks import BUILTIN, SPLITS, STAGE1_TASK, Task, as_task, configured
 
 if TYPE_CHECKING:
@@ -1144,15 +1145,19 @@ def _read_cached(path: Path, data_dir: Path) -> TaskData | None:
 def _building(path: Path) -> Iterator[None]:
     """Holds ``<path>.lock`` while this process builds ``path``; without a writable cache
     folder there is nothing to share, and the data is built unlocked."""
-    with contextlib.ExitStack() as stack:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(
-                exclusive(
-                    Path(f"{path}.lock"),
-                    lambda: logger.info("another run is tokenizing %s; waiting for it", path.name),
-                )
-            )
-        except OSError as err:
-            logger.warning("could not lock %s (%s); tokenizing without it", path, err)
+            lock.acquire(timeout=0)
+        except TimeoutError:
+            logger.info("another run is tokenizing %s; waiting for it", path.name)
+            lock.acquire()
+    except OSError as err:
+        logger.warning("could not lock %s (%s); tokenizing without it", path, err)
         yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
