@@ -349,13 +349,15 @@ def greedy_optimism(
             {name: np.sort(o[: sizes[name] // 2]) for name, o in order.items()},
             {name: np.sort(o[sizes[name] // 2 :]) for name, o in order.items()},
         ]
-        for pick, other in (halves, halves[::-1]):
-            parts = [dev_subset(o, gold, pick) for o in outputs]
-            picked_gold = parts[0][1]
-            chosen, _ = greedy([p[0] for p in parts], picked_gold, metric, tasks)
-            inside.append(score_of(average([parts[i][0] for i in chosen]), picked_gold))
-            held = [dev_subset(outputs[i], gold, other) for i in chosen]
-            outside.append(score_of(average([h[0] for h in held]), held[0][1]))
+        # Each member's outputs on each half, cut once: a half is selected on in one direction
+        # and scored on in the other.
+        cuts = [[dev_subset(o, gold, half) for o in outputs] for half in halves]
+        subsets = [[part for part, _ in cut] for cut in cuts]
+        half_gold = [cut[0][1] for cut in cuts]
+        for pick, other in ((0, 1), (1, 0)):
+            chosen, _ = greedy(subsets[pick], half_gold[pick], metric, tasks)
+            inside.append(score_of(average([subsets[pick][i] for i in chosen]), half_gold[pick]))
+            outside.append(score_of(average([subsets[other][i] for i in chosen]), half_gold[other]))
     gaps = np.array(inside) - np.array(outside)
     return {
         "selected_on": float(np.mean(inside)),
