@@ -65,10 +65,8 @@ import os
 import resource
 import shutil
 import statistics
-import tempfile
+import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -89,6 +87,9 @@ from mtl.search.trainable import run_trial
 from mtl.search.warmup import WORKER_RUNTIME_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.scratch import add_keep_argument, run_folder, stop_ray  # noqa: E402
 
 
 def _process_start() -> float:
@@ -145,23 +146,6 @@ def init() -> None:
         log_to_driver=False,
         runtime_env=WORKER_RUNTIME_ENV,
     )
-
-
-@contextmanager
-def scratch(keep: bool) -> Iterator[Path]:
-    """A new temporary folder for the run, removed when the run ends however it ends (after
-    stopping the Ray this process started, so that no worker writes there or outlives the run);
-    with ``keep``, left in place and named."""
-    root = Path(tempfile.mkdtemp(prefix="trial-startup-"))
-    try:
-        yield root
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if keep:
-            print(f"kept the run's folders in {root}", flush=True)
-        else:
-            shutil.rmtree(root)
 
 
 def run(
@@ -289,16 +273,11 @@ def main() -> None:
         default="minilm",
         help="the trials' model.backbone (default minilm; tests run a tiny one)",
     )
-    parser.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the run's temporary folder (the experiments with their checkpoints, the"
-        " tokenized cache) and say where it is (default: removed at the end)",
-    )
+    add_keep_argument(parser)
     args = parser.parse_args()
     if args.trials < 1:
         parser.error("--trials: must be at least 1")
-    with scratch(args.keep) as root:
+    with run_folder("trial-startup-", args.keep, before_removal=stop_ray) as root:
         measure(args, root)
 
 

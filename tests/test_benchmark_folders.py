@@ -1,14 +1,13 @@
-"""``benchmarks/trial_startup.py`` cleans up after itself.
+"""The benchmarks clean up after themselves (:mod:`benchmarks.scratch`).
 
-Its smallest run (one trial, the tiny BERT, shared data on the quick slices) under a real local
-Ray, with ``TMPDIR`` and ``RAY_TMPDIR`` pointed at folders of this test: the run's temporary
-folder (the trials' checkpoints, 2-3 GB with MiniLM) must be gone when it exits, and no process
-of its Ray left. The seconds it prints are not checked here.
+``benchmarks/trial_startup.py``'s smallest run (one trial, the tiny BERT, shared data on the quick
+slices) under a real local Ray, with ``TMPDIR`` and ``RAY_TMPDIR`` pointed at folders of this
+test: the run's temporary folder (the trials' checkpoints, 2-3 GB with MiniLM) must be gone when
+it exits, and no process of its Ray left. The seconds it prints are not checked here.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.scratch import run_folder
 from tests.conftest import REPO
 
 BENCHMARK = REPO / "benchmarks" / "trial_startup.py"
@@ -77,23 +77,45 @@ def test_the_benchmark_removes_its_folder_and_stops_its_ray(
     assert not _processes_naming(str(ray_tmp))
 
 
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("trial_startup", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_scratch_folder_goes_on_errors_too_and_stays_with_keep(
+def test_a_temporary_run_folder_goes_on_errors_too_and_stays_with_keep(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
-    trial_startup = _benchmark_module()
-    with pytest.raises(KeyboardInterrupt), trial_startup.scratch(keep=False) as root:
+    stopped = []
+    with (
+        pytest.raises(KeyboardInterrupt),
+        run_folder("x-", before_removal=lambda: stopped.append(root.exists())) as root,
+    ):
         (root / "results").mkdir()
         raise KeyboardInterrupt
-    assert not root.exists()
-    with trial_startup.scratch(keep=True) as root:
+    assert not root.exists() and stopped == [True]  # stopped before the folder went
+    with run_folder("x-", keep=True) as root:
         (root / "results").mkdir()
     assert (root / "results").is_dir()
-    assert f"kept the run's folders in {root}" in capsys.readouterr().out
+    assert f"kept the run folder {root}" in capsys.readouterr().out
+    # The user's own folder is never removed.
+    with run_folder("x-", given=short_tmp / "mine") as root:
+        (root / "results").mkdir()
+    assert root == short_tmp / "mine" and (root / "results").is_dir()
+
+
+def test_a_temporary_run_folder_goes_when_timeout_ends_the_run(short_tmp: Path) -> None:
+    code = (
+        "import time\n"
+        "from benchmarks.scratch import run_folder\n"
+        "with run_folder('x-') as root:\n"
+        "    print(root, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(short_tmp)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    root = Path(run.stdout.readline().strip())
+    assert root.is_dir() and root.parent == short_tmp
+    run.terminate()  # SIGTERM, as `timeout` sends it
+    assert run.wait(timeout=30) == 128 + 15
+    assert not root.exists()
