@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -437,3 +438,13 @@ def portable(exp: ExperimentView, text: str) -> str:
     for folder, name in folders:
         text = re.sub(rf"(?<![\w.-]){re.escape(str(folder))}(?![\w.-])", name, text)
     return text
+
+
+def local_path(exp: ExperimentView, text: str) -> Path:
+    """A path as :func:`portable` (or ``ensemble.json``'s ``$MTL_DATA_DIR``) wrote it, on this
+    machine: a leading ``EXP/..`` or ``EXP`` back to the storage or experiment folder,
+    environment variables and ``~`` expanded; any other path unchanged."""
+    for name, folder in (("EXP/..", exp.path.parent), ("EXP", exp.path)):
+        if text == name or text.startswith(name + "/"):
+            return folder / text[len(name) :].lstrip("/")
+    return Path(os.path.expandvars(text)).expanduser()

@@ -22,6 +22,8 @@ the trainer scored every member on (:func:`mtl.data.eval_subsample`), another dr
 ``--seed``; test is always whole. Written into ``EXP/analysis/ensemble/``: dev and test
 predictions in the CS224N submission format for every test file present (``MISSING.txt`` names
 the absent ones), ``ensemble.json``, ``members.csv`` and ``table_6.md`` / ``.tex`` / ``.csv``.
+``ensemble.json`` names the data folder as the run named it (:func:`recorded_data_dir`), not
+this machine's absolute path: it is committed with the results.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -156,6 +159,19 @@ class EvalData:
     data_dir: Path
     max_eval_examples: int | None  # dev subsample (None: the whole dev set)
     seed: int = data_lib.EVAL_SUBSAMPLE_SEED  # seeds the dev subsample (default: the trainer's)
+    # The folder as the run named it (--data-dir, else the first member's data.data_dir); None:
+    # $MTL_DATA_DIR or the downloaded copy chose it (mtl.data.resolve_data_dir).
+    named: str | None = None
+
+
+def recorded_data_dir(exp: ExperimentView, data: EvalData) -> str | None:
+    """The data folder as ``ensemble.json`` records it, naming no folder of this machine unless
+    the run did: the folder as named, through :func:`~analysis.common.portable` (a folder in or
+    beside the experiment becomes ``EXP/...``); ``"$MTL_DATA_DIR"`` when that variable chose
+    it; None for the downloaded copy. :func:`~analysis.common.local_path` reads it back."""
+    if data.named is not None:
+        return portable(exp, data.named)
+    return "$MTL_DATA_DIR" if os.environ.get("MTL_DATA_DIR") else None
 
 
 def encode_splits(cfg: Config, data: EvalData) -> dict[Key, data_lib.Encoded]:
@@ -349,13 +365,15 @@ def greedy_optimism(
             {name: np.sort(o[: sizes[name] // 2]) for name, o in order.items()},
             {name: np.sort(o[sizes[name] // 2 :]) for name, o in order.items()},
         ]
-        for pick, other in (halves, halves[::-1]):
-            parts = [dev_subset(o, gold, pick) for o in outputs]
-            picked_gold = parts[0][1]
-            chosen, _ = greedy([p[0] for p in parts], picked_gold, metric, tasks)
-            inside.append(score_of(average([parts[i][0] for i in chosen]), picked_gold))
-            held = [dev_subset(outputs[i], gold, other) for i in chosen]
-            outside.append(score_of(average([h[0] for h in held]), held[0][1]))
+        # Each member's outputs on each half, cut once: a half is selected on in one direction
+        # and scored on in the other.
+        cuts = [[dev_subset(o, gold, half) for o in outputs] for half in halves]
+        subsets = [[part for part, _ in cut] for cut in cuts]
+        half_gold = [cut[0][1] for cut in cuts]
+        for pick, other in ((0, 1), (1, 0)):
+            chosen, _ = greedy(subsets[pick], half_gold[pick], metric, tasks)
+            inside.append(score_of(average([subsets[pick][i] for i in chosen]), half_gold[pick]))
+            outside.append(score_of(average([subsets[other][i] for i in chosen]), half_gold[other]))
     gaps = np.array(inside) - np.array(outside)
     return {
         "selected_on": float(np.mean(inside)),
@@ -500,7 +518,7 @@ def run(
         ],
         "dev": metrics,
         "greedy_optimism": optimism,
-        "data_dir": str(data.data_dir),
+        "data_dir": recorded_data_dir(exp, data),
         "max_eval_examples": data.max_eval_examples,
         "seed": data.seed,
         "predictions": [p.name for p in written if p.name.endswith("-output.csv")],
@@ -552,11 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     ids = [t.strip() for t in args.members.split(",") if t.strip()] if args.members else None
     members = select_members(exp, args.top_k, ids, args.include_stopped)
     first = members[0].cfg
+    named = args.data_dir or first.data.data_dir
     try:
-        data_dir = data_lib.resolve_data_dir(args.data_dir or first.data.data_dir)
+        data_dir = data_lib.resolve_data_dir(named)
     except data_lib.DataError as err:
         raise AnalysisError(f"{err} (pass --data-dir)") from None
-    data = EvalData(data_dir, args.max_eval_examples, args.seed)
+    data = EvalData(data_dir, args.max_eval_examples, args.seed, named)
     given = argv if argv is not None else sys.argv[1:]
     command = shlex.join(["python", "-m", "analysis.ensemble", *given])
     written, _ = run(exp, members, data, args.out, args.greedy, args.device, command)

@@ -38,6 +38,7 @@ from analysis.common import (
     fmt,
     fmt_param,
     load_experiment,
+    local_path,
     markdown_table,
     out_dir,
     portable,
@@ -393,8 +394,8 @@ def _data_dir(exp: ExperimentView, folder: Path, given: str | None) -> Path | No
             candidates.append(cfg.get("data", {}).get("data_dir"))
             break
     for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
+        if c and local_path(exp, c).is_dir():
+            return local_path(exp, c)
     return None
 
 

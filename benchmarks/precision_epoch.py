@@ -35,7 +35,6 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import mtl.train as train_lib  # noqa: E402
+from benchmarks.scratch import add_keep_argument, run_folder  # noqa: E402
 from mtl import precision  # noqa: E402
 from mtl.config import Config, build_config  # noqa: E402
 
@@ -63,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="fp32/bf16 pairs, all data")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--space", default=str(REPO / "search_spaces" / "quick.yaml"))
-    parser.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
+    parser.add_argument(
+        "--out", help="keep the run folders here (default: a temporary folder, removed at the end)"
+    )
+    add_keep_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -205,8 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  flags: {flags or '(none known)'}; capability {cpu.capability}")
     print(f"  train.precision auto -> {auto.name}: {auto.reason}")
     print(f"  threads {args.threads}; load average before: {os.getloadavg()}")
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="precision_epoch-"))
+    with run_folder("precision_epoch-", args.keep, given=args.out) as out:
+        measure(args, out)
+    print(f"load average after: {os.getloadavg()}")
 
+
+def measure(args: argparse.Namespace, out: Path) -> None:
+    """The workloads of ``args``, their run folders under ``out``."""
     if "quick" in args.workloads:
         raw0 = quick_config(Path(args.space), args.seeds[0], args.threads)
         data = train_lib.load_data(build_config(raw0))
@@ -246,7 +254,6 @@ def main(argv: list[str] | None = None) -> None:
                 loop_cpu = timer.phases["loop"][1] / args.all_steps
                 print(f"  {prec}: {timer.line()}; {loop_cpu:.2f} cpu s/step", flush=True)
         summary("all", timers)
-    print(f"load average after: {os.getloadavg()}; run folders: {out}")
 
 
 def _compare(dirs: dict[str, list[Path]]) -> None:

@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from mtl.search.space import parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.scratch import add_keep_argument, run_folder, stop_ray  # noqa: E402
 
 EPOCHS = 8
 
@@ -87,13 +88,21 @@ def main() -> None:
         "--data-dir",
         default=os.environ.get("MTL_DATA_DIR", str(REPO.parent / "shared" / "data" / "cs224n")),
     )
+    add_keep_argument(parser)
     args = parser.parse_args()
+    with run_folder("search-efficiency-", args.keep, before_removal=stop_ray) as root:
+        rows = run_searches(args, root)
+    report(args, rows)
+
+
+def run_searches(args: argparse.Namespace, root: Path) -> list[dict]:
+    """Both strategies for every seed, each search under ``root``; one row per search."""
     from tests.tiny import make_tiny_backbone
 
-    root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
     backbone = make_tiny_backbone(root / "tiny-bert")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Our own Ray, even if `ray start` left one running: it stops when the run ends.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     for seed in args.seeds:
         for smart in (True, False):
@@ -115,7 +124,11 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     ray.shutdown()
+    return rows
 
+
+def report(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The table, the means and the verdicts against the targets."""
     print(
         f"\n{args.trials} trials of up to {EPOCHS} epochs per search, tiny BERT, CPU, 2 at a time"
     )

@@ -23,7 +23,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.scratch import add_keep_argument, run_folder
 from mtl import data as data_lib
 from mtl import smart
 from mtl.backbones import resolve_backbone
@@ -127,7 +127,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="CS224N data (default $MTL_DATA_DIR)")
     parser.add_argument("--batches", type=int, default=8, help="batches of 8 per task (part 1)")
     parser.add_argument("--examples", type=int, default=200, help="training examples per task")
-    parser.add_argument("--out", default=None, help="folder for the runs (default: temporary)")
+    parser.add_argument(
+        "--out", default=None, help="folder for the runs (default: temporary, removed at the end)"
+    )
+    add_keep_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     data_dir = str(data_lib.resolve_data_dir(args.data_dir))
@@ -135,9 +138,11 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
     print(f"# avx512_bf16: {'avx512_bf16' in flags}, amx_bf16: {'amx_bf16' in flags}")
     print(json.dumps({"perturbation": perturbation_figures(data_dir, args.batches)}, indent=2))
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smart-fidelity-"))
     runs = {"off": {}, **{u: {"enabled": True, "update": u} for u in RULES}}
-    results = {name: short_run(data_dir, args.examples, root / name, s) for name, s in runs.items()}
+    with run_folder("smart-fidelity-", args.keep, given=args.out) as root:
+        results = {
+            name: short_run(data_dir, args.examples, root / name, s) for name, s in runs.items()
+        }
     print(json.dumps({"short_runs": results}, indent=2))
 
 

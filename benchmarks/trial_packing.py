@@ -30,13 +30,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.scratch import add_keep_argument, run_folder  # noqa: E402
 from mtl.search.experiment import read_reports  # noqa: E402
 
 
@@ -49,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to check the script")
     parser.add_argument("--cpus-per-trial", type=float, default=2)
     parser.add_argument("--space", default=str(REPO / "search_spaces" / "quick.yaml"))
-    parser.add_argument("--storage", default=None, help="experiment folder root (default: temp)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="experiment folder root (default: temporary, removed at the end)",
+    )
+    add_keep_argument(parser)
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides"
     )
@@ -115,8 +120,14 @@ def run_packing(args: argparse.Namespace, packing: int, storage: Path) -> dict[s
 def main(argv: list[str] | None = None) -> None:
     """Runs every packing and prints a table."""
     args = parse_args(argv)
-    storage = Path(args.storage or tempfile.mkdtemp(prefix="packing-"))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    with run_folder("packing-", args.keep, given=args.storage) as storage:
+        rows = run_packings(args, storage)
+    report(rows)
+
+
+def run_packings(args: argparse.Namespace, storage: Path) -> list[dict[str, float]]:
+    """Every packing of ``args``, one search each under ``storage``; their figures."""
     rows = []
     first: list[str] | None = None
     for packing in (int(k) for k in args.packings.split(",")):
@@ -135,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
             "trials/hour",
             flush=True,
         )
+    return rows
+
+
+def report(rows: list[dict[str, float]]) -> None:
+    """The table of trials per hour against the first packing."""
     base = rows[0]["trials"] / rows[0]["span"]
     print(
         f"\n| trials per GPU | trials | span s | wall s | trials/hour | vs {rows[0]['packing']} |"
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{rate * 3600:,.0f} | {rate / base:.2f}x |"
         )
     spans = [r["span"] for r in rows]
-    print(f"(median span {statistics.median(spans):.1f} s; folders under {storage})")
+    print(f"(median span {statistics.median(spans):.1f} s)")
 
 
 if __name__ == "__main__":

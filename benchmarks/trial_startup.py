@@ -48,6 +48,13 @@ warm. Within a cold ``own`` run, the trials after the first find the first one's
     python benchmarks/trial_startup.py              # 4 trials per setting, about 10 minutes
     python benchmarks/trial_startup.py --trials 3 --modes shared shared-warm
     python benchmarks/trial_startup.py --trials 3 --modes shared --data full --fresh-ray
+
+Everything a run writes (the trials' experiment folders with their checkpoints, 2-3 GB with
+MiniLM, and the tokenized cache) goes into one new temporary folder, removed at the end, also
+after an error or Ctrl-C, unless ``--keep`` (the run then says where it is); the Ray this process
+started stops first, so that none of its processes outlives the run. The trials' run folders in
+the node's scratch folder (:func:`mtl.search.trainable.scratch_root`) go after each setting, as
+a search removes them after its Tuner.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ import os
 import resource
 import shutil
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +87,9 @@ from mtl.search.trainable import run_trial
 from mtl.search.warmup import WORKER_RUNTIME_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.scratch import add_keep_argument, run_folder, stop_ray  # noqa: E402
 
 
 def _process_start() -> float:
@@ -130,12 +140,22 @@ SETTINGS = ("quick", "full")
 def init() -> None:
     """Starts a local Ray as mtl.search.run.init_ray does: every worker warms its imports."""
     ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV
+        address="local",  # our own Ray, even if `ray start` left one running: we stop it after
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=WORKER_RUNTIME_ENV,
     )
 
 
 def run(
-    setting: str, mode: str, trials: int, root: Path, data_dir: str, fresh_ray: bool
+    setting: str,
+    mode: str,
+    trials: int,
+    root: Path,
+    data_dir: str,
+    fresh_ray: bool,
+    backbone: str = "minilm",
 ) -> list[dict]:
     shared = mode.startswith("shared")
     if not mode.endswith("-warm"):  # cold: no tokenized data from an earlier run
@@ -148,7 +168,7 @@ def run(
         {
             "experiment": {"name": name, "storage_path": str(root / "results")},
             "base": {
-                "model": {"backbone": "minilm", "head_hidden": 256},
+                "model": {"backbone": backbone, "head_hidden": 256},
                 "data": {
                     "data_dir": data_dir,
                     "max_train_examples": train_examples,
@@ -185,8 +205,13 @@ def run(
         tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1, reuse_actors=True),
         run_config=run_config,
     )
-    tuner.fit()
-    driver_cpu = _cpu_seconds() - driver_start
+    try:
+        tuner.fit()
+        driver_cpu = _cpu_seconds() - driver_start
+    finally:
+        # As run_search does after its Tuner: the trials' run folders (model and optimizer) in
+        # each node's scratch folder, outside the run's own folder.
+        clean_scratch(locate(space))
     cache_cpu = None
     if cache is not None:
         # Everything the cache's process did: start, imports, weights, data (one build).
@@ -217,7 +242,12 @@ def _seconds(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=4, help="trials per setting (default 4)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=4,
+        help="trials per setting (default 4; with 1, no later trials to take the median of)",
+    )
     parser.add_argument(
         "--data-dir",
         default=os.environ.get("MTL_DATA_DIR", str(REPO.parent / "shared" / "data" / "cs224n")),
@@ -238,14 +268,30 @@ def main() -> None:
         default=list(SETTINGS),
         help="quick: 400 training examples per task; full: all of them (default: both)",
     )
+    parser.add_argument(
+        "--backbone",
+        default="minilm",
+        help="the trials' model.backbone (default minilm; tests run a tiny one)",
+    )
+    add_keep_argument(parser)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="trial-startup-"))
+    if args.trials < 1:
+        parser.error("--trials: must be at least 1")
+    with run_folder("trial-startup-", args.keep, before_removal=stop_ray) as root:
+        measure(args, root)
+
+
+def measure(args: argparse.Namespace, root: Path) -> None:
+    """Every setting and mode of ``args``, printed as a table; all files under ``root``."""
     # Before Ray starts, so that every worker inherits it.
     os.environ["MTL_CACHE_DIR"] = str(root / "cache")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not args.fresh_ray:
         init()
-    print(f"MiniLM on CPU, {args.trials} trials per setting, one at a time; seconds to first step")
+    print(
+        f"{args.backbone} on CPU, {args.trials} trials per setting, one at a time;"
+        " seconds to first step"
+    )
     print(
         f"{'data':6} {'mode':11} {'first: function':>16} {'first: process':>15}"
         f" {'later: function':>16} {'worker CPU':>11} {'cache CPU':>10} {'driver CPU':>11}"
@@ -254,12 +300,15 @@ def main() -> None:
     firsts, medians = {}, {}
     for setting in args.data:
         for mode in args.modes:
-            rows = run(setting, mode, args.trials, root, args.data_dir, args.fresh_ray)
+            rows = run(
+                setting, mode, args.trials, root, args.data_dir, args.fresh_ray, args.backbone
+            )
             firsts[(setting, mode)] = rows[0]["from_function"]
-            medians[(setting, mode)] = statistics.median(r["from_function"] for r in rows[1:])
+            later = [r["from_function"] for r in rows[1:]]
+            medians[(setting, mode)] = statistics.median(later) if later else None
             print(
                 f"{setting:6} {mode:11} {rows[0]['from_function']:16.2f}"
-                f" {rows[0]['from_process']:15.2f} {medians[(setting, mode)]:16.2f}"
+                f" {rows[0]['from_process']:15.2f} {_seconds(medians[(setting, mode)]):>16}"
                 f" {rows[0]['worker_cpu']:11.2f} {_seconds(rows[0]['cache_cpu']):>10}"
                 f" {rows[0]['driver_cpu']:11.2f} {rows[0]['from_search']:12.2f}",
                 flush=True,
@@ -273,7 +322,7 @@ def main() -> None:
         " step)"
     )
     for setting in args.data:
-        if {"own", "shared"} <= set(args.modes):
+        if {"own", "shared"} <= set(args.modes) and args.trials > 1:
             own, shared = medians[(setting, "own")], medians[(setting, "shared")]
             print(f"{setting}: later trials shared/own = {shared / own:.2f}")
         for mode in ("shared", "shared-warm"):
@@ -284,8 +333,6 @@ def main() -> None:
         if {"shared", "shared-warm"} <= set(args.modes):
             cold, warm = firsts[(setting, "shared")], firsts[(setting, "shared-warm")]
             print(f"{setting}: first trial shared warm/cold = {warm / cold:.2f}")
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 if __name__ == "__main__":

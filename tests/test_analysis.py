@@ -23,7 +23,14 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from analysis import ensemble, importance, paired, report, retrain, tables
-from analysis.common import METRICS, AnalysisError, load_experiment, read_predictions, run_main
+from analysis.common import (
+    METRICS,
+    AnalysisError,
+    load_experiment,
+    local_path,
+    read_predictions,
+    run_main,
+)
 from mtl import data as data_lib
 from mtl.config import build_config
 from mtl.search.scheduler import asha_rungs
@@ -746,10 +753,33 @@ def test_greedy_optimism_finds_what_selection_on_dev_adds_to_members_that_know_n
 # Report
 
 
+def test_ensemble_json_names_the_data_folder_as_the_run_named_it(analysis_experiments, monkeypatch):
+    """Not this machine's absolute path when the run did not name one (ensemble.json is
+    committed with the results): the members' null data_dir is $MTL_DATA_DIR's folder."""
+    exp = load_experiment(analysis_experiments.search)
+    data_dir = analysis_experiments.data_dir
+    unnamed = ensemble.EvalData(data_dir, None)
+    monkeypatch.setenv("MTL_DATA_DIR", str(data_dir))
+    assert ensemble.recorded_data_dir(exp, unnamed) == "$MTL_DATA_DIR"
+    assert local_path(exp, "$MTL_DATA_DIR") == data_dir
+    monkeypatch.delenv("MTL_DATA_DIR")
+    assert ensemble.recorded_data_dir(exp, unnamed) is None  # the downloaded copy
+    inside = ensemble.EvalData(data_dir, None, named=str(exp.path / "data"))
+    assert ensemble.recorded_data_dir(exp, inside) == "EXP/data"
+    assert local_path(exp, "EXP/data") == exp.path / "data"
+    elsewhere = ensemble.EvalData(data_dir, None, named=str(data_dir))
+    assert ensemble.recorded_data_dir(exp, elsewhere) == str(data_dir)  # as the run named it
+
+
 def test_report_links_every_plot_and_table(analysis_experiments):
     exp, data_dir = analysis_experiments.search, analysis_experiments.data_dir
+    # The data folder beside the experiment, as on a cluster's shared storage.
+    beside = exp.parent / "cs224n"
+    if not beside.exists():
+        beside.symlink_to(data_dir)
     # The whole dev set, into EXP/analysis.
-    assert ensemble.main([str(exp), "--top-k", "2", "--include-stopped"]) == 0
+    argv = [str(exp), "--top-k", "2", "--include-stopped", "--data-dir", str(beside)]
+    assert ensemble.main(argv) == 0
     assert report.main([str(exp), "--resamples", "199"]) == 0
     folder = exp / "analysis"
     text = (folder / "report.md").read_text()
@@ -769,9 +799,11 @@ def test_report_links_every_plot_and_table(analysis_experiments):
     assert "against the next ones" in best and "tables/top_trials_forest.png" in best
     # No folder of the machine that made it: paths are relative to the experiment folder, EXP.
     storage = str(exp.parent)
-    assert (
-        storage not in text and storage not in (folder / "ensemble" / "ensemble.json").read_text()
-    )
+    summary = (folder / "ensemble" / "ensemble.json").read_text()
+    assert storage not in text and storage not in summary
+    # ensemble.json names the data folder from EXP, and reads back as this machine's folder.
+    assert json.loads(summary)["data_dir"] == "EXP/../cs224n"
+    assert local_path(load_experiment(exp), "EXP/../cs224n") == beside
     assert f"`EXP` below is the experiment folder `{exp.name}`" in text
     assert "python -m analysis.tables EXP" in text
     # The command reruns the design space as it ran (the copy the search keeps in EXP).

@@ -26,6 +26,7 @@ from mtl.config import build_config
 from mtl.evaluation import DEV_PREDICTIONS_FILE
 from mtl.tasks import BUILTIN, registry
 from mtl.train import train
+from tests.test_train import tiny_config
 
 CUSTOM_TASKS = [
     {
@@ -110,27 +111,6 @@ def task_data(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return build_data(real_data_dir, tmp_path_factory.mktemp("fourth-task-data"))
 
 
-def _raw_config(backbone: Path, data_dir: Path, out: Path, **sections: dict) -> dict:
-    raw = {
-        "seed": 3,
-        "output_dir": str(out),
-        "model": {"backbone": str(backbone), "head_hidden": 16},
-        "data": {
-            "data_dir": str(data_dir),
-            "max_train_examples": 24,
-            "max_eval_examples": 16,
-            "max_length": 32,
-            "tasks": ["sst", "sst2", "sts_high", "sts_unit"],
-            "custom_tasks": CUSTOM_TASKS,
-        },
-        "train": {"epochs": 2, "eval_every": 0.5, "batch_size": 8, "lr": 3e-3},
-    }
-    raw["train"] |= {"progress": False, "log_every": 1}
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    return raw
-
-
 @pytest.mark.parametrize(
     ("design", "routine", "smart", "pal", "selection"),
     [
@@ -148,24 +128,22 @@ def test_declared_tasks_train_evaluate_and_predict(
     pal: str,
     selection: str,
 ) -> None:
-    raw = _raw_config(
+    cfg = tiny_config(
         tiny_backbone,
         task_data,
         tmp_path / "run",
-        model={"backbone": str(tiny_backbone), "head_hidden": 16, "design": design},
+        model={"design": design},
+        data={"tasks": ["sst", "sst2", "sts_high", "sts_unit"], "custom_tasks": CUSTOM_TASKS},
         train={
             "epochs": 2,
             "eval_every": 0.5,
-            "batch_size": 8,
             "lr": 3e-3,
-            "progress": False,
             "routine": routine,
             "selection_metric": selection,
         },
         smart={"enabled": smart, "weight": 1.0},
         pal={"variant": pal, "heads": 2, "low_dim": 8},
     )
-    cfg = build_config(raw)
     tasks = registry(cfg.data)
     history: list[dict] = []
     metrics = train(cfg, lambda m, c: history.append(m))
