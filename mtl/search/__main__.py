@@ -1,5 +1,5 @@
 """``python -m mtl.search DESIGN_SPACE.yaml [--smoke | --overwrite] [--address auto]``, or
-``python -m mtl.search --resume EXPERIMENT_DIR``."""
+``python -m mtl.search --resume EXPERIMENT_DIR [--retry-errored]``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         "the experiment saved)",
     )
     parser.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="with --resume: run the trials that ended in an error again, each from its last "
+        "checkpoint or, without one, from the start (e.g. after fixing what made them fail)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="delete the experiment folder and Optuna study of this name, then start afresh",
@@ -54,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the file and exit")
     add_set_argument(parser, "base.model.backbone=minilm")
     args = parser.parse_args(argv)
+    if args.retry_errored and not args.resume:
+        print(
+            "error: --retry-errored reruns an experiment's trials; pass --resume", file=sys.stderr
+        )
+        return 2
 
     try:
         if Path(args.space).is_dir() or is_uri(args.space):
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_search(
             space,
             resume=args.resume,
+            retry_errored=args.retry_errored,
             smoke=args.smoke,
             overwrite=args.overwrite,
             address=args.address,

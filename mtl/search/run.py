@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
+import pyarrow.fs
 import ray
 from optuna.trial import TrialState
 from ray import tune
@@ -32,19 +34,29 @@ from mtl.search.experiment import (
     REPEATS_SUFFIX,
     RESTORE,
     Experiment,
+    evaluations,
     is_uri,
     locate,
     match_saved,
     plan,
+    read_reports,
     resolve,
     scratch_key,
     start,
     study_exists,
 )
 from mtl.search.scheduler import EvaluationASHA
-from mtl.search.searcher import CLOSED_ATTR, STEP_KEY, PruningOptunaSearch, make_sampler
+from mtl.search.searcher import (
+    CLOSED_ATTR,
+    RAY_TRIAL_ATTR,
+    RETRY_ATTR,
+    STEP_KEY,
+    PruningOptunaSearch,
+    make_sampler,
+)
 from mtl.search.space import DesignSpace, SpaceError, finite_values, grid_points, suggest
 from mtl.search.trainable import (
+    OUTCOME_FILE,
     POINT_KEY,
     NoRetryOnNonFinite,
     TrialSpec,
@@ -345,7 +357,15 @@ def run_tuner(
     resume: bool,
     data_cache: Any,
     verbose: int = 1,
+    retry_errored: bool = False,
 ) -> tune.ResultGrid:
+    """Run (or, with ``resume``, continue) the experiment's Tuner.
+
+    ``retry_errored`` (with ``resume``): run the trials that ended in an error again, each from
+    its last checkpoint, or from the start when it has none (Tune's ``resume_errored``: a trial
+    without a checkpoint starts afresh, ``TuneController._schedule_trial_restore``). Without it
+    errored trials stay errored.
+    """
     trainable = make_trainable(space, data_cache)
     param_space = _param_space(space)
     if resume:
@@ -353,7 +373,7 @@ def run_tuner(
             exp.path,
             trainable=trainable,
             resume_unfinished=True,
-            resume_errored=False,
+            resume_errored=retry_errored,
             restart_errored=False,
             param_space=param_space or None,
         )
@@ -380,8 +400,68 @@ def run_tuner(
     return tuner.fit()
 
 
-def finish_study(exp: Experiment) -> optuna.Study | None:
-    """Close Optuna trials left RUNNING by a finished experiment.
+def record_retries(study: optuna.Study, trials: list[Any], space: DesignSpace) -> int:
+    """Add to ``study`` the outcome of each errored trial that ``--retry-errored`` ran again.
+
+    Its Optuna trial was told FAIL and cannot change state, and Tune never passes the retry's
+    completion to the searcher (Ray's ``ConcurrencyLimiter.on_trial_complete`` drops a trial it
+    did not start in this run; ``OptunaSearch`` drops a second completion). So the retry becomes
+    a new Optuna trial with the same parameters, read from the Tune trial's reports: COMPLETE
+    with the final ``best_<metric>`` when the trainer finished (its outcome file), else PRUNED,
+    with every evaluation's value, the FAIL trial's attributes, and ``retry_of`` (:data:`RETRY_ATTR`)
+    naming the FAIL trial, whose ``ray_trial_id`` it shares (results.csv's row then shows the
+    retry). A retry already recorded, or one that errored again, adds nothing. Returns how many
+    were added. ``trials``: the experiment's Tune trials (``ExperimentAnalysis.trials``).
+    """
+    key, objective = best_key(space.objective.metric), space.objective.metric
+    retried = {t.user_attrs[RETRY_ATTR] for t in study.trials if RETRY_ATTR in t.user_attrs}
+    failed = {
+        t.user_attrs[RAY_TRIAL_ATTR]: t
+        for t in study.get_trials(states=(TrialState.FAIL,))
+        if RAY_TRIAL_ATTR in t.user_attrs and t.number not in retried
+    }
+    added = 0
+    for trial in trials:
+        source = failed.get(trial.trial_id)
+        if source is None or trial.status != "TERMINATED":
+            continue
+        fs = trial.storage.storage_filesystem
+        evals = evaluations(read_reports(trial.path, fs))
+        evals = evals[evals[key].notna()] if key in evals else evals.iloc[0:0]
+        if not len(evals):
+            continue
+        values = {int(e): float(v) for e, v in zip(evals[STEP_KEY], evals[key], strict=True)}
+        # The trainer writes its outcome file when it returns: the retry ran to its end.
+        done = fs.get_file_info(f"{trial.path}/{OUTCOME_FILE}").type == pyarrow.fs.FileType.File
+        best_row = evals.loc[evals[objective].astype(float).idxmax()]
+        attrs = {
+            **source.user_attrs,
+            RETRY_ATTR: source.number,
+            "fate": "completed" if done else "stopped",
+            "reason": "" if done else "ASHA or interrupted",
+            "best": {
+                m: float(best_row[m])
+                for m in (*space.metrics, STEP_KEY)
+                if m in best_row and pd.notna(best_row[m])
+            },
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=source.params,
+                distributions=source.distributions,
+                value=float(evals[key].iloc[-1]) if done else None,
+                state=TrialState.COMPLETE if done else TrialState.PRUNED,
+                intermediate_values=values,
+                user_attrs=attrs,
+            )
+        )
+        added += 1
+    return added
+
+
+def finish_study(exp: Experiment, space: DesignSpace) -> optuna.Study | None:
+    """Close Optuna trials left RUNNING by a finished experiment, and record retried trials
+    (:func:`record_retries`).
 
     Tune's time budget stops trials without telling the searcher, and a driver restarted after a
     crash may have asked Optuna for trials that Tune never registered. Once every Tune trial has
@@ -392,7 +472,9 @@ def finish_study(exp: Experiment) -> optuna.Study | None:
     if not study_exists(exp.study_url, exp.name):
         return None
     study = optuna.load_study(study_name=exp.name, storage=exp.study_url)
-    statuses = {t.status for t in tune.ExperimentAnalysis(exp.path).trials}
+    trials = tune.ExperimentAnalysis(exp.path).trials
+    record_retries(study, trials, space)
+    statuses = {t.status for t in trials}
     if not statuses <= {"TERMINATED", "ERROR"}:
         return study
     closed = dict(study.user_attrs.get(CLOSED_ATTR, {}))
@@ -428,6 +510,7 @@ def run_search(
     space: DesignSpace,
     *,
     resume: bool = False,
+    retry_errored: bool = False,
     smoke: bool = False,
     overwrite: bool = False,
     address: str | None = None,
@@ -437,6 +520,9 @@ def run_search(
     verbose: int = 1,
 ) -> results_lib.Summary:
     """Run (or resume) the search of ``space`` and write its results; returns the summary.
+
+    ``retry_errored`` (with ``resume``): also rerun the trials that ended in an error
+    (:func:`run_tuner`).
 
     Raises:
         SpaceError: a mistake found before the first trial (one line): ``--resume`` with a space
@@ -483,9 +569,16 @@ def run_search(
         print(make_scheduler(space).describe())
 
     clean_scratch(exp)
-    run_tuner(space, exp, resume=action == RESTORE, data_cache=data_cache, verbose=verbose)
+    run_tuner(
+        space,
+        exp,
+        resume=action == RESTORE,
+        data_cache=data_cache,
+        verbose=verbose,
+        retry_errored=retry_errored,
+    )
     clean_scratch(exp)
-    study = finish_study(exp)
+    study = finish_study(exp, space)
     summary = results_lib.summarize(space, exp.path, study)
     print(summary.report())
     if summary.unfinished:

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 STEP_KEY = "evaluation"
 RAY_TRIAL_ATTR = "ray_trial_id"
+# A retried errored trial's record (mtl.search.run.record_retries): its FAIL trial's number.
+RETRY_ATTR = "retry_of"
 # Study attribute: trial number -> why the driver closed a trial Tune never completed.
 CLOSED_ATTR = "closed_by_driver"
 FATE_ATTRS = ("best", "fate", "reason", "trial_folder")

@@ -1,0 +1,144 @@
+"""``--resume --retry-errored``: trials that errored for a reason outside them run again.
+
+The case: a search whose trials failed for a cause that was later fixed (a package upgraded
+under the running search made every new worker fail at start). Here two of three trials read a
+data folder that does not exist yet, so they error at their start, with no checkpoint; once the
+folder exists, a plain ``--resume`` leaves them errored and ``--resume --retry-errored`` runs
+them to their end, in results.csv and in the Optuna study.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from tests.test_search_run import _cli, _env, study_of, tiny_space
+
+pytestmark = pytest.mark.slow
+
+
+def cli(target: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _cli(target, *extra),
+        cwd=target.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def errored_then_retried(tmp_path_factory, tiny_backbone, real_data_dir):
+    root = tmp_path_factory.mktemp("retry")
+    later = root / "later-data"  # created between the runs: the cause that gets fixed
+    space = tiny_space(root, tiny_backbone, real_data_dir, "retry")
+    raw = yaml.safe_load(space.read_text())
+    raw["base"]["train"].update(epochs=1)  # 2 evaluations a trial
+    raw["parameters"] = {
+        "data_dir": {
+            "path": "data.data_dir",
+            "type": "categorical",
+            "choices": [str(real_data_dir), str(later)],
+        },
+        "head_dropout": {"path": "model.head_dropout", "type": "float", "low": 0.0, "high": 0.3},
+    }
+    raw["search"] = {
+        "sampler": "random",
+        "num_samples": 3,
+        "max_concurrent_trials": 1,
+        "points_to_evaluate": [
+            {"data_dir": str(real_data_dir), "head_dropout": 0.1},
+            {"data_dir": str(later), "head_dropout": 0.1},
+            {"data_dir": str(later), "head_dropout": 0.2},
+        ],
+    }
+    raw["scheduler"] = {"type": "fifo"}
+    raw["failure"] = {"max_retries": 0}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    exp = root / "results" / "retry"
+
+    first = cli(space)
+    _ok(first)
+    csv_first = pd.read_csv(exp / "results.csv")
+    later.symlink_to(real_data_dir, target_is_directory=True)
+    plain = cli(exp, "--resume")
+    _ok(plain)
+    csv_plain = pd.read_csv(exp / "results.csv")
+    states_plain = [t.state for t in study_of(space).trials]
+    retried = cli(exp, "--resume", "--retry-errored")
+    _ok(retried)
+    return {
+        "space": space,
+        "exp": exp,
+        "later": str(later),
+        "csv_first": csv_first,
+        "csv_plain": csv_plain,
+        "states_plain": states_plain,
+        "csv_retried": pd.read_csv(exp / "results.csv"),
+    }
+
+
+def test_plain_resume_leaves_errored_trials_errored(errored_then_retried):
+    first, plain = errored_then_retried["csv_first"], errored_then_retried["csv_plain"]
+    assert sorted(first["status"]) == ["completed", "error", "error"]
+    status = dict(zip(first["trial_id"], first["status"], strict=True))
+    assert dict(zip(plain["trial_id"], plain["status"], strict=True)) == status
+    FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
+    assert sorted(errored_then_retried["states_plain"], key=str) == sorted(
+        [COMPLETE, FAIL, FAIL], key=str
+    )
+
+
+def test_retry_errored_runs_them_to_their_end(errored_then_retried):
+    first, csv = errored_then_retried["csv_first"], errored_then_retried["csv_retried"]
+    assert list(csv["status"]) == ["completed"] * 3, csv[["trial_id", "status", "reason"]]
+    assert sorted(csv["trial_id"]) == sorted(first["trial_id"])  # the same trials, not new ones
+    assert list(csv["evaluations"]) == [2, 2, 2]
+    assert csv["best.overall"].notna().all()
+    assert list(csv["optuna_state"]) == ["COMPLETE"] * 3
+
+
+def test_retried_trials_reach_the_study(errored_then_retried):
+    """Each failed Optuna trial stays FAIL; its retry is a new COMPLETE trial, same parameters."""
+    csv = errored_then_retried["csv_retried"]
+    trials = study_of(errored_then_retried["space"]).trials
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    retries = [t for t in trials if "retry_of" in t.user_attrs]
+    assert len(trials) == 5 and len(failed) == 2 and len(retries) == 2
+    by_number = {t.number: t for t in trials}
+    for retry in retries:
+        source = by_number[retry.user_attrs["retry_of"]]
+        assert source.state == optuna.trial.TrialState.FAIL
+        assert retry.state == optuna.trial.TrialState.COMPLETE
+        assert retry.params == source.params
+        assert retry.params["data_dir"] == errored_then_retried["later"]
+        assert retry.user_attrs["ray_trial_id"] == source.user_attrs["ray_trial_id"]
+        assert retry.user_attrs["fate"] == "completed"
+        assert sorted(retry.intermediate_values) == [1, 2]
+        row = csv[csv["trial_id"] == retry.user_attrs["ray_trial_id"]].iloc[0]
+        assert row["optuna_number"] == retry.number
+        assert retry.value == pytest.approx(row["best.overall"])
+
+
+def test_retry_errored_without_resume_is_refused(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtl.search", str(tmp_path / "x.yaml"), "--retry-errored"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --retry-errored reruns an experiment's trials; pass --resume"
+    ]
