@@ -586,7 +586,15 @@ def run_search(
         ray.kill(data_cache)
         return summary
     if space.search.repeats is not None:
-        summary = run_repeats(space, exp, summary, data_cache, resume=resume, verbose=verbose)
+        summary = run_repeats(
+            space,
+            exp,
+            summary,
+            data_cache,
+            resume=resume,
+            verbose=verbose,
+            retry_errored=retry_errored,
+        )
     ray.kill(data_cache)
     return summary
 
@@ -624,6 +632,7 @@ def run_repeats(
     *,
     resume: bool,
     verbose: int,
+    retry_errored: bool = False,
 ) -> results_lib.Summary:
     rep = space.search.repeats
     assert rep is not None
@@ -641,7 +650,11 @@ def run_repeats(
     param_space = {POINT_KEY: tune.grid_search(points)}
     if resume and tune.Tuner.can_restore(rexp.path):
         tuner = tune.Tuner.restore(
-            rexp.path, trainable=trainable, resume_unfinished=True, param_space=param_space
+            rexp.path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=retry_errored,  # as run_tuner
+            param_space=param_space,
         )
     else:
         tuner = tune.Tuner(
