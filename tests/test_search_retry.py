@@ -142,3 +142,32 @@ def test_retry_errored_without_resume_is_refused(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: --retry-errored reruns an experiment's trials; pass --resume"
     ]
+
+
+def test_tensorboard_shows_the_retry_not_the_error(errored_then_retried):
+    """One HParams row per trial folder, with the retry's fate; one point per evaluation.
+
+    TensorBoard keeps a run's first session start info: the ended attempt's ``fate: error``
+    would hide the retry's row unless the retry's start takes it out of the folder.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    exp, csv = errored_then_retried["exp"], errored_then_retried["csv_retried"]
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    runs = mux.PluginRunToTagToContent("hparams")
+    sessions = {r: t for r, t in runs.items() if "_hparams_/session_start_info" in t}
+    assert sorted(sessions) == sorted(Path(d).name for d in csv["trial_dir"])
+    for run, tags in sessions.items():
+        start = plugin_data_pb2.HParamsPluginData.FromString(tags["_hparams_/session_start_info"])
+        end = plugin_data_pb2.HParamsPluginData.FromString(tags["_hparams_/session_end_info"])
+        assert start.session_start_info.hparams["fate"].string_value == "completed", run
+        assert end.session_end_info.status == api_pb2.STATUS_SUCCESS, run
+    for trial_dir in csv["trial_dir"]:
+        acc = EventAccumulator(trial_dir, size_guidance={"scalars": 0})
+        acc.Reload()
+        steps = [e.step for e in acc.Scalars("search/best_overall")]
+        assert len(steps) == 2 and steps == sorted(set(steps)), (trial_dir, steps)

@@ -28,6 +28,7 @@ result. A trial that ends without either was stopped by Tune's time budget (or a
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,8 @@ class SearchBoard(TBXLoggerCallback):
 
     def log_trial_start(self, trial: Any) -> None:
         self._write_experiment(trial)
+        if trial.trial_id not in self._writers and trial.run_metadata.num_failures:
+            _supersede_ended_attempt(trial)
         self._writer(trial)
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
@@ -246,6 +249,60 @@ class SearchBoard(TBXLoggerCallback):
     def __getstate__(self) -> dict[str, Any]:
         # Pickled with the Tuner: open writers stay behind.
         return {**self.__dict__, "_writers": {}}
+
+
+def _supersede_ended_attempt(trial: Any) -> None:
+    """Make way in a rerun trial's folder for the rerun's HParams row and curve.
+
+    A trial that ended in an error and runs again (``--resume --retry-errored``, Tune's
+    ``resume_errored``) keeps its folder, with the event file of its ended attempt: an HParams
+    session (``fate: error``) and its ``search/best_<metric>`` points. TensorBoard keeps a run's
+    first session start info (``plugin_event_accumulator``: "We only store the first instance of
+    the metadata"), so the rerun's own session would never show. Each such event file is
+    rewritten without its session and without the points after the checkpoint the rerun resumes
+    from (all of them when it starts afresh), which the rerun writes again.
+    """
+    import pyarrow.fs
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    fs, folder = trial.storage.storage_filesystem, trial.path
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(folder))
+    except (FileNotFoundError, OSError):
+        return
+    checkpoint = trial.latest_checkpoint_result
+    resumed_at = int(checkpoint.metrics.get("step", 0)) if checkpoint is not None else 0
+    session = {metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG}
+    for info in infos:
+        if info.type != pyarrow.fs.FileType.File or "tfevents" not in info.base_name:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / info.base_name
+            pyarrow.fs.copy_files(info.path, str(local), source_filesystem=fs)
+            events = [event_pb2.Event.FromString(r) for r in RawEventFileLoader(str(local)).Load()]
+            if not any(v.tag in session for e in events for v in e.summary.value):
+                continue  # not an ended attempt's file
+            kept = []
+            for event in events:
+                if event.HasField("summary"):
+                    values = [
+                        v
+                        for v in event.summary.value
+                        if v.tag not in session and event.step <= resumed_at
+                    ]
+                    if not values:
+                        continue
+                    event.summary.CopyFrom(summary_pb2.Summary(value=values))
+                kept.append(event)
+            rewritten = Path(tmp) / "rewritten"
+            with rewritten.open("wb") as f:
+                writer = RecordWriter(f)
+                for event in kept:
+                    writer.write(event.SerializeToString())
+                writer.flush()
+            pyarrow.fs.copy_files(str(rewritten), info.path, destination_filesystem=fs)
 
 
 def _upload_events(trial: Any) -> None:
