@@ -63,6 +63,8 @@ def errored_then_retried(tmp_path_factory, tiny_backbone, real_data_dir):
             {"data_dir": str(later), "head_dropout": 0.2},
         ],
     }
+    # Only one trial completes before the retry: the retry changes the top 2.
+    raw["search"]["repeats"] = {"top_k": 2, "seeds": [1]}
     raw["scheduler"] = {"type": "fifo"}
     raw["failure"] = {"max_retries": 0}
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -78,6 +80,11 @@ def errored_then_retried(tmp_path_factory, tiny_backbone, real_data_dir):
     states_plain = [t.state for t in study_of(space).trials]
     retried = cli(exp, "--resume", "--retry-errored")
     _ok(retried)
+    csv_retried = pd.read_csv(exp / "results.csv")
+    # The remedy the retry prints for the repeats of the new top configurations.
+    (exp.parent / "retry-repeats").rename(root / "earlier-repeats")
+    remedied = cli(exp, "--resume")
+    _ok(remedied)
     return {
         "space": space,
         "exp": exp,
@@ -85,7 +92,9 @@ def errored_then_retried(tmp_path_factory, tiny_backbone, real_data_dir):
         "csv_first": csv_first,
         "csv_plain": csv_plain,
         "states_plain": states_plain,
-        "csv_retried": pd.read_csv(exp / "results.csv"),
+        "csv_retried": csv_retried,
+        "retried_out": retried.stdout,
+        "remedied_out": remedied.stdout,
     }
 
 
@@ -171,3 +180,21 @@ def test_tensorboard_shows_the_retry_not_the_error(errored_then_retried):
         acc.Reload()
         steps = [e.step for e in acc.Scalars("search/best_overall")]
         assert len(steps) == 2 and steps == sorted(set(steps)), (trial_dir, steps)
+
+
+def test_retry_says_which_top_configurations_the_repeats_miss(errored_then_retried):
+    """The repeats ran the top 2 of one completed trial; after the retry three completed."""
+    out = errored_then_retried["retried_out"]
+    assert "repeats: the top 2 configurations changed since" in out, out[-3000:]
+    assert "move that folder aside and --resume again" in out
+
+
+def test_repeats_after_the_remedy_cover_the_new_top(errored_then_retried):
+    exp, csv = errored_then_retried["exp"], errored_then_retried["csv_retried"]
+    assert "configurations changed" not in errored_then_retried["remedied_out"]
+    summary = pd.read_csv(exp / "repeats_summary.csv")
+    assert list(summary["overall.count"]) == [2, 2]  # the search's run and seed 1
+    runs = pd.read_csv(exp / "repeats.csv")
+    own = runs[runs["trial_id"].isin(csv["trial_id"])]  # the search's own runs of the top 2
+    assert sorted(own["overall"]) == pytest.approx(sorted(csv["best.overall"])[-2:])
+    assert len(runs) == 4

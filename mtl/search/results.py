@@ -330,7 +330,7 @@ def add_repeats(
 ) -> Summary:
     """Join the seed repeats with the search's own runs into repeats.csv and its summary."""
     repeat_rows = read_rows(rspace, rpath, None)
-    runs, configs = [], []
+    runs, configs, matched = [], [], set()
     for i, top in enumerate(summary.top(top_k, "completed")):
         configs.append({"config": i, **top.params})
         runs.append(
@@ -346,6 +346,7 @@ def add_repeats(
             params = dict(row.params)
             seed = params.pop("seed", None)
             if params == top.params:
+                matched.add(row.trial_id)
                 runs.append(
                     {
                         "config": i,
@@ -355,6 +356,12 @@ def add_repeats(
                         **row.best,
                     }
                 )
+    left_out = [r.trial_id for r in repeat_rows if r.trial_id not in matched]
+    if left_out:  # repeats of configurations that left the top when errored trials were retried
+        print(
+            f"repeats: {len(left_out)} runs in {rpath} repeat configurations no longer among "
+            f"the top {top_k}, left out of {REPEATS_FILE}: {', '.join(left_out)}"
+        )
     frame = pd.DataFrame(runs)
     _csv(summary.path, REPEATS_FILE, frame)
     done = frame[frame["status"] == "completed"]

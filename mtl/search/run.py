@@ -10,6 +10,7 @@ repeats of the best configurations.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -624,6 +625,30 @@ def repeats_space(space: DesignSpace, summary: results_lib.Summary) -> DesignSpa
     )
 
 
+def _point_id(point: dict[str, Any]) -> str:
+    return json.dumps(point, sort_keys=True, default=str)
+
+
+def _warn_unrepeated(points: list[dict[str, Any]], rexp: Experiment, top_k: int) -> None:
+    """Say which of ``points`` the existing repeats experiment at ``rexp`` never runs.
+
+    Its grid was fixed when it started (a restored Tuner runs only its saved trials), but the
+    top configurations change when ``--retry-errored`` completes trials that had errored.
+    """
+    ran = {
+        _point_id(t.config[POINT_KEY])
+        for t in tune.ExperimentAnalysis(rexp.path).trials
+        if POINT_KEY in t.config
+    }
+    missing = [p for p in points if _point_id(p) not in ran]
+    if missing:
+        print(
+            f"repeats: the top {top_k} configurations changed since {rexp.path} started "
+            f"(errored trials retried): {len(missing)} of their seed runs are not in it; move "
+            "that folder aside and --resume again to repeat the new top configurations"
+        )
+
+
 def run_repeats(
     space: DesignSpace,
     exp: Experiment,
@@ -649,6 +674,7 @@ def run_repeats(
     trainable = make_trainable(rspace, data_cache)
     param_space = {POINT_KEY: tune.grid_search(points)}
     if resume and tune.Tuner.can_restore(rexp.path):
+        _warn_unrepeated(points, rexp, rep.top_k)
         tuner = tune.Tuner.restore(
             rexp.path,
             trainable=trainable,
