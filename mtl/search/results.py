@@ -44,7 +44,7 @@ from mtl.search.experiment import (
     evaluations,
     read_reports,
 )
-from mtl.search.searcher import CLOSED_ATTR, RAY_TRIAL_ATTR
+from mtl.search.searcher import CLOSED_ATTR, RAY_TRIAL_ATTR, RETRY_ATTR
 from mtl.search.space import DesignSpace, trial_config_dict
 from mtl.search.trainable import NONFINITE_KEY, OUTCOME_FILE, trial_params
 
@@ -221,11 +221,10 @@ def _first_line(text: str) -> str:
 def _optuna_states(study: optuna.Study | None) -> dict[str, optuna.trial.FrozenTrial]:
     if study is None:
         return {}
-    return {
-        t.user_attrs[RAY_TRIAL_ATTR]: t
-        for t in study.get_trials()
-        if RAY_TRIAL_ATTR in t.user_attrs
-    }
+    # A retried errored trial has two records, its FAIL and the retry's
+    # (mtl.search.run.record_retries), both under its Ray trial id: the retry's wins.
+    trials = sorted(study.get_trials(), key=lambda t: (RETRY_ATTR in t.user_attrs, t.number))
+    return {t.user_attrs[RAY_TRIAL_ATTR]: t for t in trials if RAY_TRIAL_ATTR in t.user_attrs}
 
 
 def read_rows(space: DesignSpace, exp_path: str, study: optuna.Study | None) -> list[TrialRow]:
