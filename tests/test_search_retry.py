@@ -198,3 +198,26 @@ def test_repeats_after_the_remedy_cover_the_new_top(errored_then_retried):
     own = runs[runs["trial_id"].isin(csv["trial_id"])]  # the search's own runs of the top 2
     assert sorted(own["overall"]) == pytest.approx(sorted(csv["best.overall"])[-2:])
     assert len(runs) == 4
+
+
+def test_repeats_csv_names_the_runs_it_leaves_out(errored_then_retried, tmp_path, capsys):
+    """Runs of a configuration outside the top K are named, never dropped without a word."""
+    from mtl.config import build_config
+    from mtl.search import results
+    from mtl.search.experiment import load_saved
+    from mtl.search.run import repeats_space
+
+    exp = errored_then_retried["exp"]
+    space = load_saved(str(exp))
+    summary = results.Summary(space, str(tmp_path), results.read_rows(space, str(exp), None))
+    rspace = repeats_space(space, summary)
+    rpath = str(exp.parent / "retry-repeats")  # seed 1 of the top 2, joined here with a top 1
+    capsys.readouterr()
+    results.add_repeats(summary, rspace, rpath, build_config(space.base).seed, top_k=1)
+    out = capsys.readouterr().out
+    runs = pd.read_csv(tmp_path / "repeats.csv")
+    left_out = [r.trial_id for r in results.read_rows(rspace, rpath, None)]
+    left_out = [t for t in left_out if t not in set(runs["trial_id"])]
+    assert len(runs) == 2 and len(left_out) == 1
+    assert f"repeats: 1 runs in {rpath} repeat configurations no longer among the top 1" in out
+    assert out.split("left out of repeats.csv: ")[1].split()[0] == left_out[0]
