@@ -34,8 +34,8 @@ trains on the other 85%, so the two arms of an ablation see the same pairs (the 
 Stage-1 encoders are cached in a folder that may be shared by every run of a search: a file
 ``<key>.safetensors`` whose key hashes the backbone (its config and weights), the stage-1 config,
 the Quora files' checksums, the stage-1 pairs' ids and the seed, so runs that would train
-identical stage-1 encoders train it once. A run that misses the cache takes a lock on the key (``<key>.lock`` beside it, through
-``filelock``; on a cluster the cache folder is the shared one) before training, and looks again
+identical stage-1 encoders train it once. A run that misses the cache takes a lock on the key (``<key>.lock`` beside it,
+:func:`mtl.cache.exclusive`; on a cluster the cache folder is the shared one) before training, and looks again
 once it holds it: trials that start together, such as the cells of an ablation grid, wait for the
 first one's stage 1 instead of each training its own. The file is written under a temporary name
 and renamed into place, so a reader never sees half a file. Stage 1 runs inside
@@ -56,7 +56,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -64,7 +63,7 @@ from torch import Tensor
 from mtl import data as data_lib
 from mtl.backbones import Backbone, load_backbone
 from mtl.bert import BertModel
-from mtl.cache import atomic_write, cache_root, sha256_file
+from mtl.cache import atomic_write, cache_root, exclusive, sha256_file
 from mtl.config import Config, ContrastiveConfig
 from mtl.tasks import BUILTIN, STAGE1_TASK
 
@@ -423,29 +422,18 @@ def run_stage1(
     if path.is_file():
         return hit()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(cache_dir / f"{key}.lock")
-    if not _try_acquire(lock):
-        log.info("stage 1: another run is training %s; waiting for it", path.name)
-        lock.acquire()
-    try:
+    with exclusive(
+        cache_dir / f"{key}.lock",
+        lambda: log.info("stage 1: another run is training %s; waiting for it", path.name),
+    ):
         if path.is_file():  # trained by the run that held the lock
             return hit()
         train_raw = _keep_ids(pool, stage1_ids)
         record = _train_and_cache(
             cfg, backbone, weights, data_dir, train_raw, path, device, autocast
         )
-    finally:
-        lock.release()
     log.info("stage 1: trained %d steps, cached %s", record["steps"], path)
     return Stage1Result(path, key, False, record["steps"], ids, record)
-
-
-def _try_acquire(lock: FileLock) -> bool:
-    try:
-        lock.acquire(timeout=0)
-    except TimeoutError:
-        return False
-    return True
 
 
 def _train_and_cache(

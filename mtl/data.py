@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import requests
 import torch
-from filelock import FileLock
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from mtl.cache import atomic_write, cache_root, sha256_file
+from mtl.cache import atomic_write, cache_root, exclusive, sha256_file
 from mtl.tasks import BUILTIN, SPLITS, STAGE1_TASK, Task, as_task, configured
 
 if TYPE_CHECKING:
@@ -1077,7 +1076,7 @@ def load_packed_task_data(
     :func:`tokenized_key`; a hit skips reading and tokenizing and logs the same skip warnings,
     a miss builds the data and stores it (written atomically, so concurrent runs never read a
     part). A cache file that cannot be read is rebuilt with a warning. One process builds a
-    given dataset at a time (a ``filelock`` beside the file, as stage 1's cache does): another
+    given dataset at a time (:func:`mtl.cache.exclusive`, as stage 1's cache): another
     that asks for it meanwhile waits and reads the file, so a search whose driver starts the
     tokenizing before Ray (:func:`mtl.search.run.prebuild_data`), or trials that load their own
     data at once, tokenize it once.
@@ -1145,19 +1144,15 @@ def _read_cached(path: Path, data_dir: Path) -> TaskData | None:
 def _building(path: Path) -> Iterator[None]:
     """Holds ``<path>.lock`` while this process builds ``path``; without a writable cache
     folder there is nothing to share, and the data is built unlocked."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(f"{path}.lock")
+    with contextlib.ExitStack() as stack:
         try:
-            lock.acquire(timeout=0)
-        except TimeoutError:
-            logger.info("another run is tokenizing %s; waiting for it", path.name)
-            lock.acquire()
-    except OSError as err:
-        logger.warning("could not lock %s (%s); tokenizing without it", path, err)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(
+                exclusive(
+                    Path(f"{path}.lock"),
+                    lambda: logger.info("another run is tokenizing %s; waiting for it", path.name),
+                )
+            )
+        except OSError as err:
+            logger.warning("could not lock %s (%s); tokenizing without it", path, err)
         yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()

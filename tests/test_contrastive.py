@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -238,7 +239,11 @@ def test_second_run_with_the_same_key_hits_the_cache(
 
 
 def test_runs_that_miss_the_cache_together_train_stage1_once(
-    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_backbone: Path,
+    real_data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     trained = []
     real = contrastive.train_stage1
@@ -258,13 +263,19 @@ def test_runs_that_miss_the_cache_together_train_stage1_once(
         results.append(contrastive.run_stage1(cfg, _pool(real_data_dir)))
 
     threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with caplog.at_level(logging.INFO, logger="mtl.contrastive"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert len(trained) == 1
     assert sorted(r.cache_hit for r in results) == [False, True]
     assert results[0].key == results[1].key and results[0].ids == results[1].ids
+    # The run that found the lock held said so (the other trains for a second under it).
+    waits = [r.getMessage() for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert waits == [
+        f"stage 1: another run is training {results[0].key}.safetensors; waiting for it"
+    ]
 
 
 def test_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -185,7 +185,7 @@ def test_concurrent_writers_leave_one_whole_file(real_data_dir: Path, tiny_backb
 
 
 def test_a_build_in_progress_is_waited_for_and_read_not_repeated(
-    real_data_dir: Path, tiny_backbone: Path, tokenizer
+    real_data_dir: Path, tiny_backbone: Path, tokenizer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """While another process holds the dataset's lock (it is tokenizing), a second asker waits,
     then reads what the first stored instead of tokenizing again: here the file the lock
@@ -199,7 +199,7 @@ def test_a_build_in_progress_is_waited_for_and_read_not_repeated(
     path = tokenized_cache_dir() / f"{tokenized_key(cfg, real_data_dir, tiny_backbone, 2, 0)}.pkl"
     lock = FileLock(f"{path}.lock")
     lock.acquire()
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, caplog.at_level(logging.INFO, logger="mtl.data"):
         try:
             asked = pool.submit(_load, cfg, load_tokenizer(tiny_backbone), tiny_backbone)
             time.sleep(2)  # ample for this slice's build, were it not waiting
@@ -210,6 +210,24 @@ def test_a_build_in_progress_is_waited_for_and_read_not_repeated(
         got = asked.result(timeout=60)
     assert_same_data(got, unpack(other))
     assert len(got.train["sst"]) == 8
+    waits = [r.getMessage() for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert waits == [f"another run is tokenizing {path.name}; waiting for it"]
+
+
+def test_without_a_folder_for_the_cache_the_data_is_built_unlocked_with_a_warning(
+    real_data_dir: Path, tiny_backbone: Path, tokenizer, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """A cache root that cannot hold a folder (here a file) costs the sharing, not the run."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("MTL_CACHE_DIR", str(not_a_folder))
+    cfg = _cfg(real_data_dir)
+    with caplog.at_level(logging.WARNING, logger="mtl.data"):
+        got = _load(cfg, tokenizer, tiny_backbone)
+    assert_same_data(got, load_task_data(cfg, tokenizer, 2, 0))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.startswith("could not lock ") and "tokenizing without it" in w for w in warnings)
+    assert any(w.startswith("could not store the tokenized data") for w in warnings)
 
 
 def test_switched_off_stores_nothing(real_data_dir: Path, tiny_backbone: Path, tokenizer) -> None:
