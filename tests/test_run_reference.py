@@ -1,0 +1,72 @@
+"""results/run_reference.sh decides per experiment whether to start, resume or skip a search.
+
+The decision is the script's own shell logic, so these tests source it and put a recording
+``python`` in front of the real one: each call's arguments are written down and the search's exit
+status is the one ``mtl.search`` gives (0 finished, 1 interrupted; see ``mtl.search.__main__``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "results" / "run_reference.sh"
+
+HARNESS = """
+source "$SCRIPT" "$STORAGE"
+python() {  # records the call; mtl.search makes its folder and exits with $SEARCH_STATUS
+  echo "$*" >> "$CALLS"
+  if [ "$2" = mtl.search ]; then mkdir -p "$STORAGE/exp"; return "$SEARCH_STATUS"; fi
+}
+search search_spaces/quick.yaml exp
+echo "after search" >> "$CALLS"
+"""
+
+
+def _run(tmp_path: Path, search_status: int) -> tuple[int, list[str]]:
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SCRIPT": str(SCRIPT),
+        "STORAGE": str(tmp_path / "storage"),
+        "CALLS": str(calls),
+        "SEARCH_STATUS": str(search_status),
+    }
+    proc = subprocess.run(["bash", "-c", HARNESS], env=env, cwd=tmp_path, timeout=60)
+    return proc.returncode, calls.read_text().splitlines()
+
+
+def _searches(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("-m mtl.search")]
+
+
+def test_a_new_experiment_starts_and_is_marked_complete_when_the_search_finishes(tmp_path):
+    code, calls = _run(tmp_path, 0)
+    assert code == 0
+    (search,) = _searches(calls)
+    assert "--resume" not in search and "experiment.name=exp" in search
+    assert any(c.startswith("-m analysis.tables") for c in calls)
+    assert (tmp_path / "storage" / "exp" / "reference-complete").is_file()
+    assert calls[-1] == "after search"
+
+
+def test_an_interrupted_search_is_resumed_though_it_wrote_results_csv(tmp_path):
+    # An interrupted mtl.search writes results.csv (its unfinished trials marked) and exits 1.
+    exp = tmp_path / "storage" / "exp"
+    exp.mkdir(parents=True)
+    (exp / "results.csv").write_text("trial,status\n0001,unfinished\n")
+    code, calls = _run(tmp_path, 1)
+    (search,) = _searches(calls)
+    assert search.endswith("--resume")
+    # Interrupted again: the script stops there, no tables of a half-run, no completion mark.
+    assert code == 1
+    assert "after search" not in calls and not any("analysis" in c for c in calls)
+    assert not (exp / "reference-complete").exists()
+    # The resume that finishes marks it; the run after that skips the search.
+    code, calls = _run(tmp_path, 0)
+    assert code == 0 and (exp / "reference-complete").is_file()
+    code, calls = _run(tmp_path, 0)
+    assert code == 0 and _searches(calls) == []
+    assert any(c.startswith("-m analysis.tables") for c in calls)
