@@ -69,7 +69,7 @@ if [[ " $parts " == *" quick "* ]]; then
       --set "experiment.storage_path=$storage" --set base.data.max_train_examples=null \
       --set base.data.max_eval_examples=null --set base.train.epochs=1
   fi
-  search results/quick-retrain/retrain.yaml quick-retrain
+  search results/quick-retrain/retrain.yaml quick-retrain --set "experiment.storage_path=$storage"
 fi
 if [[ " $parts " == *" grids "* ]]; then
   for grid in $grids; do
