@@ -205,7 +205,9 @@ def _write_text(base: str, name: str, text: str) -> None:
         f.write(text.encode())
 
 
-def _metrics(row: pd.Series | dict, metrics: Sequence[str]) -> dict[str, float]:
+def metric_values(row: pd.Series | dict, metrics: Sequence[str]) -> dict[str, float]:
+    """The finite ``metrics`` of one report (a row of :func:`mtl.search.experiment.evaluations`)
+    as floats; a metric the row lacks, or NaN, is left out."""
     return {m: float(row[m]) for m in metrics if m in row and pd.notna(row[m])}
 
 
@@ -243,8 +245,8 @@ def read_rows(space: DesignSpace, exp_path: str, study: optuna.Study | None) -> 
         best: dict[str, float] = {}
         last: dict[str, float] = {}
         if len(evals):
-            last = _metrics(evals.iloc[-1], metrics)
-            best = _metrics(evals.loc[evals[metric].astype(float).idxmax()], metrics)
+            last = metric_values(evals.iloc[-1], metrics)
+            best = metric_values(evals.loc[evals[metric].astype(float).idxmax()], metrics)
         outcome = _read_text(fs, f"{trial.path}/{OUTCOME_FILE}")
         ot = by_ray_id.get(trial.trial_id)
         status, reason = _status(trial, outcome, ot, df, closed)

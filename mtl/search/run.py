@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 import pyarrow.fs
 import ray
 from optuna.trial import TrialState
@@ -440,11 +439,7 @@ def record_retries(study: optuna.Study, trials: list[Any], space: DesignSpace) -
             RETRY_ATTR: source.number,
             "fate": "completed" if done else "stopped",
             "reason": "" if done else "ASHA or interrupted",
-            "best": {
-                m: float(best_row[m])
-                for m in (*space.metrics, STEP_KEY)
-                if m in best_row and pd.notna(best_row[m])
-            },
+            "best": results_lib.metric_values(best_row, (*space.metrics, STEP_KEY)),
         }
         study.add_trial(
             optuna.trial.create_trial(
