@@ -137,21 +137,76 @@ class ExperimentView:
         }
 
     def local(self, recorded: str) -> Path:
-        """A path recorded by the search, re-rooted into this folder if the folder moved."""
+        """A path recorded by the search, re-rooted into this folder (or its seed repeats'
+        ``<name>-repeats`` folder beside it) if the folders moved."""
         path = Path(recorded)
         if path.exists():
             return path
         parts = path.parts
+        roots = {self.name: self.path, self.repeats_name: self.path.parent / self.repeats_name}
         for i in range(len(parts) - 1, -1, -1):
-            if parts[i] == self.name:
-                return self.path.joinpath(*parts[i + 1 :])
+            if parts[i] in roots:
+                return roots[parts[i]].joinpath(*parts[i + 1 :])
         return path
 
+    @property
+    def repeats_name(self) -> str:
+        """The folder of the seed repeats' own runs, beside this one (mtl.search.run)."""
+        return f"{self.name}-repeats"
+
+    def run_row(self, trial_id: str) -> pd.Series:
+        """The row of a search trial (results.csv) or of a seed repeat's run (repeats.csv);
+        either has ``trial_dir``, ``best_checkpoint`` and ``status``. Raises
+        :class:`AnalysisError` for an id in neither, or a repeats.csv from before it recorded
+        where its runs are."""
+        if (self.results["trial_id"] == trial_id).any():
+            return self.row(trial_id)
+        repeats = self.repeats
+        if repeats is not None:
+            rows = repeats[repeats["trial_id"] == trial_id]
+            if not rows.empty:
+                missing = {"trial_dir", "best_checkpoint"} - set(repeats.columns)
+                if missing:
+                    raise AnalysisError(
+                        f"{self.path / experiment_folder.REPEATS_FILE}: no "
+                        f"{', '.join(sorted(missing))} column (written by an older mtl.search); "
+                        "run the search once more with --resume to rewrite it"
+                    )
+                return rows.iloc[0]
+        raise AnalysisError(
+            f"{self.path}: no trial {trial_id!r} in {experiment_folder.RESULTS_FILE}"
+            + (f" or {experiment_folder.REPEATS_FILE}" if repeats is not None else "")
+        )
+
+    def best_score(self, trial_id: str, metric: str | None = None) -> float:
+        """A search trial's or a seed repeat's best dev ``metric`` (default: the objective)."""
+        metric = metric or self.metric
+        if (self.results["trial_id"] == trial_id).any():
+            return float(self.row(trial_id)[f"best.{metric}"])
+        return float(self.run_row(trial_id)[metric])
+
+    def repeat_ids(self, trial_id: str) -> list[tuple[str, int]]:
+        """The completed seed repeats of search trial ``trial_id`` (``search.repeats``): their
+        run ids and seeds, by seed; empty when its configuration was not repeated."""
+        repeats = self.repeats
+        if repeats is None:
+            return []
+        own = repeats[repeats["trial_id"] == trial_id]
+        if own.empty:
+            return []
+        runs = repeats[
+            (repeats["config"] == own["config"].iloc[0])
+            & (repeats["trial_id"] != trial_id)
+            & (repeats["status"] == "completed")
+        ].sort_values("seed")
+        return [(str(t), int(seed)) for t, seed in zip(runs["trial_id"], runs["seed"], strict=True)]
+
     def trial_dir(self, trial_id: str) -> Path:
-        return self.local(str(self.row(trial_id)["trial_dir"]))
+        """The run folder of a search trial or of a seed repeat's run."""
+        return self.local(str(self.run_row(trial_id)["trial_dir"]))
 
     def checkpoint_dir(self, trial_id: str) -> Path | None:
-        value = self.row(trial_id)["best_checkpoint"]
+        value = self.run_row(trial_id)["best_checkpoint"]
         return self.local(str(value)) if isinstance(value, str) and value else None
 
     def history(self, trial_id: str) -> pd.DataFrame:

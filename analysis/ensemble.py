@@ -1,6 +1,6 @@
 """The final ensemble (the paper's Table 6): the best checkpoints of the top trials, averaged.
 
-``python -m analysis.ensemble EXP --top-k K [--greedy] [--members ID,ID,...]
+``python -m analysis.ensemble EXP --top-k K [--with-repeats] [--greedy] [--members ID,ID,...]
 [--max-eval-examples N] [--data-dir DIR] [--include-stopped] [--out DIR]``
 
 Each member is a trial's best checkpoint (the one Tune kept, ranked by the objective) rebuilt
@@ -10,6 +10,11 @@ example: the SST class probabilities (softmax), the paraphrase probability (sigm
 score; it predicts the most probable SST class, a paraphrase when the mean probability is above
 0.5, and the mean STS score. An ensemble of one member therefore predicts exactly what that
 member predicts.
+
+With ``--with-repeats`` each of the top K trials brings its completed seed repeats
+(``search.repeats`` in the design space: the same configuration trained to the full budget with
+other seeds, listed in ``EXP/repeats.csv``) as members of their own; under ASHA these are often
+the only fully trained runs of a configuration besides the search's own trial.
 
 With ``--greedy`` the members are chosen from the top K by greedy forward selection on dev
 (Caruana et al. 2004): start from the best single member, add whichever member raises the dev
@@ -101,13 +106,27 @@ def select_members(
     trial_ids: list[str] | None = None,
     include_stopped: bool = False,
     metric: str | None = None,
+    with_repeats: bool = False,
 ) -> list[Member]:
-    """The named trials (repeats allowed), or the top ``top_k`` by the objective."""
+    """The named trials or seed repeats' runs (an id may come twice), or the top ``top_k``
+    trials by the objective; ``with_repeats``: each chosen trial followed by its completed seed
+    repeats (``search.repeats``, repeats.csv), each a member trained to the full budget.
+
+    Raises :class:`AnalysisError` for an unknown id, a missing checkpoint or config, or
+    ``with_repeats`` on an experiment without seed repeats.
+    """
     if trial_ids is None:
         trial_ids = top_trial_ids(exp, top_k, include_stopped, metric, need_checkpoint=True)
+    if with_repeats:
+        if exp.repeats is None:
+            raise AnalysisError(
+                f"--with-repeats: {exp.path} has no repeats.csv (its design space has no "
+                "search.repeats, or the search stopped before them)"
+            )
+        trial_ids = [r for t in trial_ids for r in (t, *(i for i, _ in exp.repeat_ids(t)))]
     members = []
     for trial_id in trial_ids:
-        row = exp.row(trial_id)
+        row = exp.run_row(trial_id)
         ckpt = exp.checkpoint_dir(trial_id)
         if ckpt is None or not (ckpt / "model.safetensors").is_file():
             raise AnalysisError(
@@ -120,14 +139,11 @@ def select_members(
             cfg = build_config(raw, f"trial {trial_id} config")
         except ConfigError as err:
             raise AnalysisError(str(err)) from None
+        name = label(configuration(raw), backbone=True)
+        if "seed" in row.index and pd.notna(row["seed"]):  # a seed repeat's run
+            name += f", seed {int(row['seed'])}"
         members.append(
-            Member(
-                trial_id,
-                cfg,
-                ckpt,
-                label(configuration(raw), backbone=True),
-                float(row[f"best.{metric or exp.metric}"]),
-            )
+            Member(trial_id, cfg, ckpt, name, exp.best_score(trial_id, metric or exp.metric))
         )
     return members
 
@@ -544,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         "--include-stopped", action="store_true", help="let trials stopped early be members"
     )
     parser.add_argument(
+        "--with-repeats",
+        action="store_true",
+        help="each chosen trial's completed seed repeats (search.repeats) join as members",
+    )
+    parser.add_argument(
         "--max-eval-examples", type=int, help="subsample dev to N per task (default: all)"
     )
     parser.add_argument(
@@ -568,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         raise AnalysisError("--max-eval-examples: must be at least 1")
     exp = load_experiment(args.exp, args.space)
     ids = [t.strip() for t in args.members.split(",") if t.strip()] if args.members else None
-    members = select_members(exp, args.top_k, ids, args.include_stopped)
+    members = select_members(exp, args.top_k, ids, args.include_stopped, None, args.with_repeats)
     first = members[0].cfg
     named = args.data_dir or first.data.data_dir
     try:

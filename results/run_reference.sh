@@ -80,7 +80,8 @@ if [[ " $parts " == *" full "* ]]; then
   search search_spaces/full_cpu.yaml full-cpu --set "experiment.storage_path=$storage"
   if [ ! -f results/full-cpu/ensemble/ensemble.json ]; then
     python -m analysis.importance "$storage/full-cpu" --out results/full-cpu
-    python -m analysis.ensemble "$storage/full-cpu" --top-k 5 --greedy --out results/full-cpu
+    python -m analysis.ensemble "$storage/full-cpu" --top-k 3 --with-repeats --greedy \
+      --out results/full-cpu
     python -m analysis.report "$storage/full-cpu" --out results/full-cpu
   fi
 fi

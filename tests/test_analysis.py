@@ -697,6 +697,61 @@ def test_greedy_selection_never_scores_below_its_best_member(analysis_experiment
     assert f"optimism-corrected estimate {corrected:.3f}" in note
 
 
+def test_ensemble_with_repeats_adds_each_top_trials_seed_runs_as_members(
+    analysis_experiments, tmp_path
+):
+    """Under ASHA the seed repeats are the fully trained runs of the top configurations: with
+    --with-repeats each top trial brings its completed repeats (repeats.csv) as members."""
+    exp = analysis_experiments.search
+    runs = pd.read_csv(exp / "repeats.csv", dtype={"trial_id": str})
+    searched = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})["trial_id"]
+    own = runs[runs["trial_id"].isin(searched)]  # the search's own trials, one per configuration
+    repeat = runs[~runs["trial_id"].isin(searched) & (runs["status"] == "completed")]
+    assert len(own) == 2 and len(repeat) >= 1
+    for row in runs.to_dict("records"):  # every run says where it is
+        assert (Path(row["trial_dir"]) / "config.yaml").is_file()
+        assert (Path(row["best_checkpoint"]) / "model.safetensors").is_file()
+    out = _ensemble(exp, tmp_path / "all", "--top-k", "2", "--with-repeats")
+    members = pd.read_csv(out / "members.csv", dtype={"trial_id": str})
+    expected = [
+        t
+        for c, first in zip(own["config"], own["trial_id"], strict=True)
+        for t in (first, *repeat[repeat["config"] == c].sort_values("seed")["trial_id"])
+    ]
+    assert list(members["trial_id"]) == expected
+    for row in repeat.to_dict("records"):
+        got = members[members["trial_id"] == row["trial_id"]].iloc[0]
+        assert got["configuration"].endswith(f", seed {row['seed']}")
+        # Its best checkpoint, rebuilt, scores what the repeat run recorded on the same examples.
+        for m in METRICS:
+            assert got[f"dev.{m}"] == pytest.approx(row[m], abs=1e-9)
+            assert got["search_best"] == pytest.approx(row["overall"], abs=1e-12)
+    # A repeat run alone reproduces its own dev predictions, byte for byte.
+    first = repeat.iloc[0]
+    alone = _ensemble(exp, tmp_path / "one", "--members", first["trial_id"])
+    own_preds = Path(first["trial_dir"]) / "predictions" / "sts-dev-output.csv"
+    assert (alone / "sts-dev-output.csv").read_bytes() == own_preds.read_bytes()
+
+
+def test_ensemble_with_repeats_refuses_what_it_cannot_read(analysis_experiments, tmp_path, capsys):
+    # An experiment without seed repeats: one line, status 2.
+    grid = analysis_experiments.grid
+    argv = [str(grid), "--top-k", "1", "--with-repeats", "--out", str(tmp_path / "g")]
+    assert run_main(ensemble.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --with-repeats:") and "no repeats.csv" in err
+    assert len(err.splitlines()) == 1
+    # A repeats.csv from before it recorded its runs' folders: say how to rewrite it.
+    copy = tmp_path / analysis_experiments.search.name
+    shutil.copytree(analysis_experiments.search, copy)
+    old = pd.read_csv(copy / "repeats.csv").drop(columns=["trial_dir", "best_checkpoint"])
+    old.to_csv(copy / "repeats.csv", index=False)
+    argv = [str(copy), "--top-k", "1", "--with-repeats", "--out", str(tmp_path / "o")]
+    assert run_main(ensemble.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "repeats.csv: no best_checkpoint, trial_dir column" in err and "--resume" in err
+
+
 def _noise_outputs(rng: np.random.Generator, n: int) -> ensemble.Outputs:
     """One member whose dev scores are independent of the labels (it has learned nothing)."""
     values = {

@@ -329,7 +329,13 @@ def write(summary: Summary) -> None:
 def add_repeats(
     summary: Summary, rspace: DesignSpace, rpath: str, base_seed: int, top_k: int
 ) -> Summary:
-    """Join the seed repeats with the search's own runs into repeats.csv and its summary."""
+    """Join the seed repeats with the search's own runs into repeats.csv and its summary.
+
+    repeats.csv has one row per run: ``config`` (the configuration's rank among the top
+    ``top_k``), ``seed``, ``trial_id``, ``status``, ``trial_dir``, ``best_checkpoint`` (where the
+    analyses find the run: :meth:`analysis.common.ExperimentView.run_row`) and the run's best
+    dev metrics under their own names.
+    """
     repeat_rows = read_rows(rspace, rpath, None)
     runs, configs, matched = [], [], set()
     for i, top in enumerate(summary.top(top_k, "completed")):
@@ -340,6 +346,8 @@ def add_repeats(
                 "seed": base_seed,
                 "trial_id": top.trial_id,
                 "status": top.status,
+                "trial_dir": top.trial_dir,
+                "best_checkpoint": top.best_checkpoint,
                 **top.best,
             }
         )
@@ -354,6 +362,8 @@ def add_repeats(
                         "seed": seed,
                         "trial_id": row.trial_id,
                         "status": row.status,
+                        "trial_dir": row.trial_dir,
+                        "best_checkpoint": row.best_checkpoint,
                         **row.best,
                     }
                 )
