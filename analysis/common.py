@@ -179,11 +179,12 @@ class ExperimentView:
         )
 
     def best_score(self, trial_id: str, metric: str | None = None) -> float:
-        """A search trial's or a seed repeat's best dev ``metric`` (default: the objective)."""
+        """A search trial's or a seed repeat's best dev ``metric`` (default: the objective);
+        NaN when the run never reported it."""
         metric = metric or self.metric
         if (self.results["trial_id"] == trial_id).any():
-            return float(self.row(trial_id)[f"best.{metric}"])
-        return float(self.run_row(trial_id)[metric])
+            return float(self.row(trial_id).get(f"best.{metric}", math.nan))
+        return float(self.run_row(trial_id).get(metric, math.nan))
 
     def repeat_ids(self, trial_id: str) -> list[tuple[str, int]]:
         """The completed seed repeats of search trial ``trial_id`` (``search.repeats``): their
@@ -198,12 +199,35 @@ class ExperimentView:
             (repeats["config"] == own["config"].iloc[0])
             & (repeats["trial_id"] != trial_id)
             & (repeats["status"] == "completed")
-        ].sort_values("seed")
+        ]
+        for column in ("best_checkpoint", self.metric):  # a run to load and rank
+            if column in runs:
+                runs = runs[runs[column].notna()]
+        runs = runs.sort_values("seed")
         return [(str(t), int(seed)) for t, seed in zip(runs["trial_id"], runs["seed"], strict=True)]
 
     def trial_dir(self, trial_id: str) -> Path:
-        """The run folder of a search trial or of a seed repeat's run."""
-        return self.local(str(self.run_row(trial_id)["trial_dir"]))
+        """The run folder of a search trial or of a seed repeat's run (for a repeats.csv from
+        before it recorded ``trial_dir``: the folder whose reports carry the run's id)."""
+        try:
+            return self.local(str(self.run_row(trial_id)["trial_dir"]))
+        except AnalysisError:
+            found = self._find_repeat_dir(trial_id)
+            if found is None:
+                raise
+            return found
+
+    def _find_repeat_dir(self, trial_id: str) -> Path | None:
+        folder = self.path.parent / self.repeats_name
+        if self.repeats is None or not (self.repeats["trial_id"] == trial_id).any():
+            return None
+        if not folder.is_dir():
+            return None
+        for run in sorted(p for p in folder.iterdir() if p.is_dir()):
+            reports = experiment_folder.read_reports(str(run))
+            if reports and reports[0].get("trial_id") == trial_id:
+                return run
+        return None
 
     def checkpoint_dir(self, trial_id: str) -> Path | None:
         value = self.run_row(trial_id)["best_checkpoint"]
@@ -224,9 +248,10 @@ class ExperimentView:
         if trial_id not in self._configs:
             path = self.trial_dir(trial_id) / "config.yaml"
             cfg = None
+            searched = (self.results["trial_id"] == trial_id).any()
             if path.is_file():
                 cfg = yaml.safe_load(path.read_text())
-            elif self.space is not None:
+            elif self.space is not None and searched:  # a repeat's own seed is not in the space
                 cfg = self.space.trial_config(self.params(trial_id))
             self._configs[trial_id] = cfg
         return self._configs[trial_id]

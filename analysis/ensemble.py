@@ -16,8 +16,8 @@ With ``--with-repeats`` each of the top K trials brings its completed seed repea
 other seeds, listed in ``EXP/repeats.csv``) as members of their own; under ASHA these are often
 the only fully trained runs of a configuration besides the search's own trial.
 
-With ``--greedy`` the members are chosen from the top K by greedy forward selection on dev
-(Caruana et al. 2004): start from the best single member, add whichever member raises the dev
+With ``--greedy`` the members are chosen among these candidates (the top K, with their repeats)
+by greedy forward selection on dev (Caruana et al. 2004): start from the best single member, add whichever member raises the dev
 objective most, stop when none does. Its dev score has then been selected on dev and is
 optimistic; the report says by how much, from split-half validation (:func:`greedy_optimism`:
 select on one half of dev, score on the other).
@@ -122,6 +122,12 @@ def select_members(
             raise AnalysisError(
                 f"--with-repeats: {exp.path} has no repeats.csv (its design space has no "
                 "search.repeats, or the search stopped before them)"
+            )
+        alone = [t for t in trial_ids if not exp.repeat_ids(t)]
+        if alone:  # outside search.repeats' top configurations, or its runs did not complete
+            print(
+                f"--with-repeats: no completed seed repeats of {', '.join(alone)}: they join alone",
+                file=sys.stderr,
             )
         trial_ids = [r for t in trial_ids for r in (t, *(i for i, _ in exp.repeat_ids(t)))]
     members = []

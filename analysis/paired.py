@@ -81,16 +81,13 @@ def read_dev_predictions(path: Path, tasks: Mapping[str, Task] = BUILTIN) -> pd.
 
 
 def prediction_file(exp: ExperimentView, trial_id: str) -> Path | None:
-    """The run folder's ``dev_predictions.csv`` of a trial (of the search, or of its seed
-    repeats, which live in the ``<name>-repeats`` folder beside it); None when absent."""
-    if (exp.results["trial_id"] == trial_id).any():
+    """The run folder's ``dev_predictions.csv`` of a trial of the search or of a seed repeat's
+    run (:meth:`~analysis.common.ExperimentView.trial_dir`); None when absent."""
+    try:
         path = exp.trial_dir(trial_id) / DEV_PREDICTIONS_FILE
-        return path if path.is_file() else None
-    repeats = exp.path.parent / f"{exp.name}-repeats"
-    for folder in sorted(repeats.glob(f"*_{trial_id}_*")):
-        if (folder / DEV_PREDICTIONS_FILE).is_file():
-            return folder / DEV_PREDICTIONS_FILE
-    return None
+    except AnalysisError:  # a run neither results.csv nor repeats.csv nor its folder knows
+        return None
+    return path if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------

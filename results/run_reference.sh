@@ -80,7 +80,10 @@ if [[ " $parts " == *" full "* ]]; then
   search search_spaces/full_cpu.yaml full-cpu --set "experiment.storage_path=$storage"
   if [ ! -f results/full-cpu/ensemble/ensemble.json ]; then
     python -m analysis.importance "$storage/full-cpu" --out results/full-cpu
-    python -m analysis.ensemble "$storage/full-cpu" --top-k 3 --with-repeats --greedy \
+    # The top 3 completed trials (fewer if ASHA let fewer finish) and their seed repeats.
+    k=$(python -c "import pandas as p, sys; r = p.read_csv(sys.argv[1]); \
+print(min(3, int((r.status == 'completed').sum())))" "$storage/full-cpu/results.csv")
+    python -m analysis.ensemble "$storage/full-cpu" --top-k "$k" --with-repeats --greedy \
       --out results/full-cpu
     python -m analysis.report "$storage/full-cpu" --out results/full-cpu
   fi

@@ -30,6 +30,7 @@ from analysis.common import (
     local_path,
     read_predictions,
     run_main,
+    top_trial_ids,
 )
 from mtl import data as data_lib
 from mtl.config import build_config
@@ -725,7 +726,12 @@ def test_ensemble_with_repeats_adds_each_top_trials_seed_runs_as_members(
         # Its best checkpoint, rebuilt, scores what the repeat run recorded on the same examples.
         for m in METRICS:
             assert got[f"dev.{m}"] == pytest.approx(row[m], abs=1e-9)
-            assert got["search_best"] == pytest.approx(row["overall"], abs=1e-12)
+        assert got["search_best"] == pytest.approx(row["overall"], abs=1e-12)
+        # The paired tables find the same run's dev predictions.
+        view = load_experiment(exp)
+        expected_file = Path(row["trial_dir"]) / paired.DEV_PREDICTIONS_FILE
+        assert paired.prediction_file(view, row["trial_id"]) == expected_file
+        assert expected_file.is_file()
     # A repeat run alone reproduces its own dev predictions, byte for byte.
     first = repeat.iloc[0]
     alone = _ensemble(exp, tmp_path / "one", "--members", first["trial_id"])
@@ -741,15 +747,39 @@ def test_ensemble_with_repeats_refuses_what_it_cannot_read(analysis_experiments,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --with-repeats:") and "no repeats.csv" in err
     assert len(err.splitlines()) == 1
-    # A repeats.csv from before it recorded its runs' folders: say how to rewrite it.
-    copy = tmp_path / analysis_experiments.search.name
-    shutil.copytree(analysis_experiments.search, copy)
-    old = pd.read_csv(copy / "repeats.csv").drop(columns=["trial_dir", "best_checkpoint"])
-    old.to_csv(copy / "repeats.csv", index=False)
+    # A top trial outside search.repeats' top 2 joins alone, and says so.
+    exp = analysis_experiments.search
+    argv = [str(exp), "--top-k", "4", "--with-repeats", "--include-stopped"]
+    assert (
+        run_main(ensemble.main, [*argv, "--max-eval-examples", "64", "--out", str(tmp_path)]) == 0
+    )
+    members = pd.read_csv(tmp_path / "ensemble" / "members.csv", dtype={"trial_id": str})
+    runs = pd.read_csv(exp / "repeats.csv", dtype={"trial_id": str})
+    top = top_trial_ids(load_experiment(exp), 4, include_stopped=True, need_checkpoint=True)
+    alone = [t for t in top if t not in set(runs["trial_id"])]
+    assert alone and len(members) == 4 + (runs["trial_id"].nunique() - 2)
+    assert all(list(members["trial_id"]).count(t) == 1 for t in alone)
+    assert f"no completed seed repeats of {', '.join(alone)}: they join alone" in (
+        capsys.readouterr().err
+    )
+    # A repeats.csv from before it recorded its runs' folders (both folders moved elsewhere):
+    # the ensemble says how to rewrite it; the paired tables still find each run's predictions.
+    storage = tmp_path / "moved"
+    for folder in (exp, exp.parent / f"{exp.name}-repeats"):
+        shutil.copytree(folder, storage / folder.name)
+    copy = storage / exp.name
+    runs = pd.read_csv(copy / "repeats.csv", dtype={"trial_id": str})
+    runs.drop(columns=["trial_dir", "best_checkpoint"]).to_csv(copy / "repeats.csv", index=False)
     argv = [str(copy), "--top-k", "1", "--with-repeats", "--out", str(tmp_path / "o")]
     assert run_main(ensemble.main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert "repeats.csv: no best_checkpoint, trial_dir column" in err and "--resume" in err
+    view = load_experiment(copy)
+    searched = set(view.results["trial_id"])
+    for row in runs[~runs["trial_id"].isin(searched)].to_dict("records"):
+        found = paired.prediction_file(view, row["trial_id"])
+        moved = storage / f"{exp.name}-repeats" / Path(row["trial_dir"]).name
+        assert found == moved / paired.DEV_PREDICTIONS_FILE and found.is_file()
 
 
 def _noise_outputs(rng: np.random.Generator, n: int) -> ensemble.Outputs:
