@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -442,6 +443,25 @@ def test_repeats_rerun_the_top_configurations_with_further_seeds(tiny_experiment
     for trial in repeat_trials:
         cfg = yaml.safe_load((trial / "config.yaml").read_text())
         assert cfg["seed"] == 1
+
+
+def test_resuming_a_finished_search_rewrites_an_older_repeats_csv(tiny_experiment, tmp_path):
+    """repeats.csv from before it named each run's folder and checkpoint (which
+    ``analysis.ensemble --with-repeats`` reads) is rewritten by one --resume, training nothing."""
+    space, exp, _ = tiny_experiment
+    storage = tmp_path / "results"
+    shutil.copytree(exp.parent, storage)  # the experiment, its repeats and its study, moved
+    before = pd.read_csv(storage / "tiny" / "repeats.csv", dtype={"trial_id": str})
+    older = before.drop(columns=["trial_dir", "best_checkpoint"])
+    older.to_csv(storage / "tiny" / "repeats.csv", index=False)
+    reports = {p: p.read_text() for p in storage.glob("*/*/result.json")}
+    run_cli(space, "--resume", "--set", f"experiment.storage_path={storage}")
+    after = pd.read_csv(storage / "tiny" / "repeats.csv", dtype={"trial_id": str})
+    assert list(after["trial_id"]) == list(before["trial_id"])
+    for row in after.to_dict("records"):  # in the moved folders
+        assert Path(row["trial_dir"]).parent.parent == storage
+        assert (Path(row["best_checkpoint"]) / "model.safetensors").is_file()
+    assert {p: p.read_text() for p in storage.glob("*/*/result.json")} == reports  # no training
 
 
 def test_smoke_runs_any_space_with_a_tiny_budget(tmp_path, tiny_backbone, real_data_dir):
