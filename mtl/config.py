@@ -424,6 +424,39 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The dotted key of the first place where ``a`` and ``b`` differ (None: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *(k for k in b if k not in a)]:
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                return sub
+            found = first_difference(a[k], b[k], sub)
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = first_difference(x, y, f"{key}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if a == b and type(a) is type(b) else (key or "<root>")
+
+
+def lookup(raw: dict[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` (as :func:`first_difference` names it) in ``raw``; None when
+    absent."""
+    node: Any = raw
+    for part in key.replace("[", ".[").split("."):
+        if part.startswith("["):
+            index = int(part[1:-1])
+            node = node[index] if isinstance(node, list) and index < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     raw = load_yaml(path) if path is not None else {}

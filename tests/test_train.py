@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 import torch
+import yaml
 
 from mtl import data as data_lib
 from mtl.config import Config, build_config
@@ -234,6 +235,63 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(
     )
     assert resumed_history == history[1:]
     assert resumed == full
+
+
+def _interrupted_run(tiny_backbone: Path, real_data_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(the folder of a whole run, a copy of that folder as it was after its first evaluation,
+    in the middle of epoch 0: what an interrupted run leaves)."""
+    full = tmp_path / "full"
+    cfg = tiny_config(tiny_backbone, real_data_dir, full, train={"epochs": 2, "eval_every": 0.5})
+    cut = tmp_path / "cut"
+    seen = []
+
+    def keep_first(metrics: dict, ckpt: Path) -> None:
+        seen.append(metrics)
+        if len(seen) == 1:
+            shutil.copytree(ckpt.parent, cut)
+
+    train(cfg, keep_first, run_dir=full)
+    return full, cut
+
+
+def test_cli_resume_continues_the_run_in_its_folder_with_its_config(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``python -m mtl.train --resume RUN/checkpoint``, nothing else: RUN's config, in RUN."""
+    from mtl.cli import main
+
+    full, cut = _interrupted_run(tiny_backbone, real_data_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--resume", str(cut / "checkpoint"), "--set", "train.num_threads=1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"->  {cut}")
+    assert not (tmp_path / "runs").exists()  # no new run folder
+    done = json.loads((full / "metrics.json").read_text())
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert resumed == done  # every evaluation, as if never interrupted
+    for task in ("sst", "sts"):
+        name = f"predictions/{task}-test-output.csv"
+        assert (cut / name).read_bytes() == (full / name).read_bytes()
+
+
+def test_cli_resume_refuses_another_configuration_naming_the_key(
+    tiny_backbone: Path, real_data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from mtl.cli import main
+
+    _, cut = _interrupted_run(tiny_backbone, real_data_dir, tmp_path)
+    before = {p: p.read_bytes() for p in cut.rglob("*") if p.is_file()}
+    argv = ["--resume", str(cut / "checkpoint"), "--set", "train.lr=0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr is 0.5 here but 0.001 in" in err[0]
+    assert str(cut / "config.yaml") in err[0]
+    other = tmp_path / "other.yaml"  # a whole config file with one value changed
+    raw = yaml.safe_load((cut / "config.yaml").read_text())
+    raw["model"]["head_dropout"] = 0.3
+    other.write_text(yaml.safe_dump(raw))
+    assert main([str(other), "--resume", str(cut / "checkpoint")]) == 2
+    assert "model.head_dropout is 0.3 here but 0.1" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in cut.rglob("*") if p.is_file()} == before  # untouched
 
 
 @pytest.mark.slow

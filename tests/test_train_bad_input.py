@@ -126,9 +126,15 @@ def test_resume_from_another_configs_checkpoint_is_one_line(
 ) -> None:
     cfg = tiny_config(tiny_backbone, real_data_dir, tmp_path / "first", train={"max_steps": 1})
     train(cfg)
-    ckpt = tmp_path / "first" / "checkpoint"
     argv = ["--set", f"model.backbone={tiny_backbone}", "--set", f"data.data_dir={real_data_dir}"]
     argv += ["--set", "data.max_train_examples=8", "--set", "model.head_hidden=8"]
+    # Beside its run's config.yaml, the checkpoint's config is compared first (mtl.cli).
+    rc = main([*argv, "--resume", str(tmp_path / "first" / "checkpoint")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "a resumed run keeps its configuration" in err[0], err
+    # A checkpoint copied away from its run: its weights are what can tell.
+    ckpt = tmp_path / "copied" / "checkpoint"
+    shutil.copytree(tmp_path / "first" / "checkpoint", ckpt)
     rc = main([*argv, "--resume", str(ckpt), "--output-dir", str(tmp_path / "second")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err

@@ -37,7 +37,7 @@ import pyarrow.fs
 import yaml
 
 from mtl.cache import cache_root
-from mtl.config import ConfigError, build_config, merge
+from mtl.config import ConfigError, build_config, first_difference, lookup, merge
 from mtl.search.space import DesignSpace, SpaceError, apply_overrides, parse_space
 
 log = logging.getLogger(__name__)
@@ -144,37 +144,6 @@ def canonical(space: DesignSpace) -> dict[str, Any]:
     return raw
 
 
-def first_difference(a: Any, b: Any, key: str = "") -> str | None:
-    """The dotted key of the first place where ``a`` and ``b`` differ (None: equal)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in [*a, *(k for k in b if k not in a)]:
-            sub = f"{key}.{k}" if key else str(k)
-            if k not in a or k not in b:
-                return sub
-            found = first_difference(a[k], b[k], sub)
-            if found is not None:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = first_difference(x, y, f"{key}[{i}]")
-            if found is not None:
-                return found
-        return None
-    return None if a == b and type(a) is type(b) else (key or "<root>")
-
-
-def _lookup(raw: dict[str, Any], key: str) -> Any:
-    node: Any = raw
-    for part in key.replace("[", ".[").split("."):
-        if part.startswith("["):
-            index = int(part[1:-1])
-            node = node[index] if isinstance(node, list) and index < len(node) else None
-        else:
-            node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def check_same(given: DesignSpace, saved: DesignSpace, where: str) -> None:
     """Refuse ``given`` unless it is the experiment's saved space (location keys aside)."""
     a, b = canonical(given), canonical(saved)
@@ -184,7 +153,7 @@ def check_same(given: DesignSpace, saved: DesignSpace, where: str) -> None:
     key = first_difference(a, b)
     if key is not None:
         raise SpaceError(
-            f"--resume: {key} is {_lookup(a, key)!r} here but {_lookup(b, key)!r} in {where}, "
+            f"--resume: {key} is {lookup(a, key)!r} here but {lookup(b, key)!r} in {where}, "
             "the space this experiment ran; resume with `python -m mtl.search --resume "
             f"{where.rsplit('/', 1)[0]}` (no file, no --set) or start a new experiment"
         )
