@@ -149,6 +149,10 @@ class ExperimentView:
                 return roots[parts[i]].joinpath(*parts[i + 1 :])
         return path
 
+    def searched(self, trial_id: str) -> bool:
+        """Whether ``trial_id`` is a trial of the search (results.csv), not a seed repeat's run."""
+        return bool((self.results["trial_id"] == trial_id).any())
+
     @property
     def repeats_name(self) -> str:
         """The folder of the seed repeats' own runs, beside this one (mtl.search.run)."""
@@ -159,7 +163,7 @@ class ExperimentView:
         either has ``trial_dir``, ``best_checkpoint`` and ``status``. Raises
         :class:`AnalysisError` for an id in neither, or a repeats.csv from before it recorded
         where its runs are."""
-        if (self.results["trial_id"] == trial_id).any():
+        if self.searched(trial_id):
             return self.row(trial_id)
         repeats = self.repeats
         if repeats is not None:
@@ -182,9 +186,8 @@ class ExperimentView:
         """A search trial's or a seed repeat's best dev ``metric`` (default: the objective);
         NaN when the run never reported it."""
         metric = metric or self.metric
-        if (self.results["trial_id"] == trial_id).any():
-            return float(self.row(trial_id).get(f"best.{metric}", math.nan))
-        return float(self.run_row(trial_id).get(metric, math.nan))
+        key = f"best.{metric}" if self.searched(trial_id) else metric  # repeats.csv: bare names
+        return float(self.run_row(trial_id).get(key, math.nan))
 
     def repeat_ids(self, trial_id: str) -> list[tuple[str, int]]:
         """The completed seed repeats of search trial ``trial_id`` (``search.repeats``): their
@@ -248,10 +251,11 @@ class ExperimentView:
         if trial_id not in self._configs:
             path = self.trial_dir(trial_id) / "config.yaml"
             cfg = None
-            searched = (self.results["trial_id"] == trial_id).any()
             if path.is_file():
                 cfg = yaml.safe_load(path.read_text())
-            elif self.space is not None and searched:  # a repeat's own seed is not in the space
+            elif self.space is not None and self.searched(
+                trial_id
+            ):  # a repeat's own seed is not in the space
                 cfg = self.space.trial_config(self.params(trial_id))
             self._configs[trial_id] = cfg
         return self._configs[trial_id]

@@ -123,13 +123,14 @@ def select_members(
                 f"--with-repeats: {exp.path} has no repeats.csv (its design space has no "
                 "search.repeats, or the search stopped before them)"
             )
-        alone = [t for t in trial_ids if not exp.repeat_ids(t)]
+        repeats = {t: [i for i, _ in exp.repeat_ids(t)] for t in trial_ids}
+        alone = [t for t in trial_ids if not repeats[t]]
         if alone:  # outside search.repeats' top configurations, or its runs did not complete
             print(
                 f"--with-repeats: no completed seed repeats of {', '.join(alone)}: they join alone",
                 file=sys.stderr,
             )
-        trial_ids = [r for t in trial_ids for r in (t, *(i for i, _ in exp.repeat_ids(t)))]
+        trial_ids = [r for t in trial_ids for r in (t, *repeats[t])]
     members = []
     for trial_id in trial_ids:
         row = exp.run_row(trial_id)
