@@ -60,12 +60,15 @@ MIN_SHARED = 10  # fewer dev examples in common (per task and seed pair): not co
 
 
 def read_dev_predictions(path: Path, tasks: Mapping[str, Task] = BUILTIN) -> pd.DataFrame:
-    """A ``dev_predictions.csv``: columns task, id, prediction, gold (one row per dev example).
+    """A ``dev_predictions.csv``: columns task, id, prediction, gold (one row per dev example,
+    in the dev file's order; prediction and gold as floats).
 
     ``tasks``: the tasks the run may have predicted (:attr:`ExperimentView.tasks`).
 
     Raises:
-        AnalysisError: the file is unreadable or lacks a column (one line naming the file).
+        AnalysisError: the file is unreadable, lacks a column, names an unknown task, or has a
+            prediction or gold label that is not a finite number (one line naming the file, and
+            the line for a bad cell).
     """
     try:
         frame = pd.read_csv(path, dtype={"task": str, "id": str})
@@ -74,9 +77,25 @@ def read_dev_predictions(path: Path, tasks: Mapping[str, Task] = BUILTIN) -> pd.
     missing = sorted({"task", "id", "prediction", "gold"} - set(frame.columns))
     if missing:
         raise AnalysisError(f"{path}: missing columns {', '.join(missing)}")
-    unknown = sorted(set(frame["task"]) - set(tasks))
+    unknown = sorted(set(frame["task"]) - set(tasks), key=str)
     if unknown:
         raise AnalysisError(f"{path}: unknown task {unknown[0]!r}")
+    if frame["id"].isna().any():
+        raise AnalysisError(
+            f"{path}: line {int(frame['id'].isna().to_numpy().argmax()) + 2}: no id"
+        )
+    for column in ("prediction", "gold"):
+        # An empty or unparsable cell would be a NaN that makes every difference and interval
+        # NaN (and the permutation test's p-value about 2 / resamples).
+        values = pd.to_numeric(frame[column], errors="coerce").astype(float)
+        bad = ~np.isfinite(values.to_numpy())
+        if bad.any():
+            row = int(bad.argmax())
+            raise AnalysisError(
+                f"{path}: line {row + 2}: {column} {frame[column].iloc[row]!r} "
+                "is not a finite number"
+            )
+        frame[column] = values
     return frame
 
 
@@ -122,7 +141,11 @@ def align(
     source: str,
     tasks: Mapping[str, Task] = BUILTIN,
 ) -> list[TaskPairs]:
-    """The tasks every run predicted, each as :class:`TaskPairs` over the union of example ids.
+    """The tasks every run predicted, each as :class:`TaskPairs` over the union of examples.
+
+    An example is its id and, for an id the dev file repeats (:mod:`mtl.data` keeps such rows and
+    the trainer scores each), its occurrence: the k-th row with that id in one run's file meets
+    the k-th in another's (every run writes the dev examples in the file's order).
 
     Args:
         pairs: (side A, side B) prediction frames (:func:`read_dev_predictions`), one per seed.
@@ -132,19 +155,21 @@ def align(
     Raises:
         AnalysisError: one example with two different gold labels.
     """
+    key = ["id", "occurrence"]  # an example: its id, and which row with that id in its file
     frames = [f for pair in pairs for f in pair]
     present = [t for t in tasks.values() if all((f["task"] == t.name).any() for f in frames)]
     out = []
     for task in present:
         rows = [f[f["task"] == task.name] for f in frames]
-        gold = pd.concat([r[["id", "gold"]] for r in rows]).drop_duplicates()
-        if gold["id"].duplicated().any():
-            bad = gold.loc[gold["id"].duplicated(), "id"].iloc[0]
+        rows = [r.assign(occurrence=r.groupby("id").cumcount()) for r in rows]
+        gold = pd.concat([r[[*key, "gold"]] for r in rows]).drop_duplicates()
+        if gold.duplicated(key).any():
+            bad = gold.loc[gold.duplicated(key), "id"].iloc[0]
             raise AnalysisError(f"{source}: {task.name} example {bad} has two gold labels")
-        index = pd.Index(gold["id"])
+        index = pd.MultiIndex.from_frame(gold[key])
 
         def spread(r: pd.DataFrame, index: pd.Index = index) -> tuple[np.ndarray, np.ndarray]:
-            where = index.get_indexer(r["id"])
+            where = index.get_indexer(pd.MultiIndex.from_frame(r[key]))
             values, seen = np.zeros(len(index)), np.zeros(len(index), dtype=bool)
             values[where], seen[where] = r["prediction"].to_numpy(float), True
             return values, seen
