@@ -17,7 +17,8 @@ other seeds, listed in ``EXP/repeats.csv``) as members of their own; under ASHA 
 the only fully trained runs of a configuration besides the search's own trial.
 
 With ``--greedy`` the members are chosen among these candidates (the top K, with their repeats)
-by greedy forward selection on dev (Caruana et al. 2004): start from the best single member, add whichever member raises the dev
+by greedy forward selection on dev (Caruana et al. 2004, here without replacement: each
+candidate joins at most once): start from the best single member, add whichever member raises the dev
 objective most, stop when none does. Its dev score has then been selected on dev and is
 optimistic; the report says by how much, from split-half validation (:func:`greedy_optimism`:
 select on one half of dev, score on the other).

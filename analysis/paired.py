@@ -306,7 +306,7 @@ def compare(
     if shared < MIN_SHARED:
         raise NotComparable(
             f"only {shared} dev examples in common (the runs evaluated different dev "
-            "subsamples: data.max_eval_examples with different seeds)"
+            "subsamples: a different data.max_eval_examples)"
         )
     samples = tuple(np.arange(tp.n) for tp in tasks)
     offsets = np.cumsum([0] + [tp.n for tp in tasks])

@@ -472,7 +472,8 @@ def display_comparisons(
         rows.append(cells)
     notes = [
         "Each cell: the difference (left row minus right row) on the dev examples, averaged over "
-        "the seed pairs (Seeds: runs of both rows under the same seed); in brackets its 95% "
+        "the seed pairs (Seeds: runs of both rows under the same seed, or in seed order where "
+        "the rows share no seed); in brackets its 95% "
         "confidence interval from a paired bootstrap over dev examples (percentile method, both "
         "rows scored on the same resampled examples, STS Pearson recomputed on each resample); "
         "p: two-sided paired permutation test. "
