@@ -14,6 +14,7 @@ import yaml
 
 from mtl.config import Config, build_config
 from mtl.search.__main__ import main
+from mtl.search.experiment import load_saved, read_saved
 from mtl.search.run import make_searcher
 from mtl.search.space import SpaceError, grid_points, holds, load_space, parse_space, suggest
 
@@ -47,6 +48,15 @@ def _merge(a: dict, b: dict) -> dict:
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
+
+# The shape of the shipped quick.yaml and full_cpu.yaml before the rule: the routine is searched,
+# an evaluation every half epoch, ASHA's first rung after one evaluation.
+SEQUENTIAL_HALF_EPOCH_RUNG = """
+base: {train: {epochs: 2, eval_every: 0.5}}
+parameters:
+  routine: {path: train.routine, type: categorical, choices: [sequential, round_robin]}
+scheduler: {grace_period: 1, reduction_factor: 2}
+"""
 
 # (id, file text, expected message after "<file>: ")
 BAD_FILES = [
@@ -201,6 +211,22 @@ BAD_FILES = [
         r"search\.points_to_evaluate: 21 points but num_samples is 20",
     ),
     ("invalid-yaml", "experiment: {name: t\nparameters: [\n", r"line \d+ invalid YAML"),
+    (
+        "asha-judges-sequential-trials-inside-the-first-epoch",
+        _space(SEQUENTIAL_HALF_EPOCH_RUNG),
+        r"scheduler\.grace_period: 1 evaluation is 0\.5 of an epoch: ASHA's first rung would "
+        r"stop sequential trials \(parameters\.routine allows train\.routine sequential\) .* "
+        r"set it to 2 \(one epoch\) or more",
+    ),
+    (
+        "asha-judges-a-sequential-base-inside-the-first-epoch",
+        _space(
+            "base: {train: {routine: sequential, epochs: 3, eval_every: 0.25}}\n"
+            "scheduler: {grace_period: 3}"
+        ),
+        r"scheduler\.grace_period: 3 evaluations is 0\.75 of an epoch: .*"
+        r"\(base\.train\.routine allows train\.routine sequential\) .* set it to 4",
+    ),
 ]
 
 
@@ -217,6 +243,33 @@ def test_bad_file_gets_one_line_and_exit_status_2(tmp_path, capsys, text, expect
     assert re.search(expected, err), err
     with pytest.raises(SpaceError, match=expected):
         load_space(path)
+
+
+def test_a_first_rung_at_one_epoch_or_without_sequential_trials_is_accepted(tmp_path):
+    for extra in (
+        SEQUENTIAL_HALF_EPOCH_RUNG.replace("grace_period: 1", "grace_period: 2"),
+        SEQUENTIAL_HALF_EPOCH_RUNG.replace("sequential, round_robin", "round_robin"),
+        SEQUENTIAL_HALF_EPOCH_RUNG.replace("eval_every: 0.5", "eval_every: 1"),
+        SEQUENTIAL_HALF_EPOCH_RUNG.replace("grace_period: 1, reduction_factor: 2", "type: fifo"),
+    ):
+        path = tmp_path / "space.yaml"
+        path.write_text(_space(extra))
+        load_space(path)
+
+
+def test_a_resume_keeps_the_first_rung_it_ran_with_and_warns(tmp_path, capsys):
+    # An experiment started before the rule must still resume and be analysed as it ran.
+    path = tmp_path / "space.yaml"
+    path.write_text(_space(SEQUENTIAL_HALF_EPOCH_RUNG))
+    assert main([str(path), "--resume", "--check"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {path}: scheduler.grace_period: 1 evaluation"), err
+    assert err.endswith("(kept: the experiment ran with it)\n"), err
+    exp = tmp_path / "storage" / "t"
+    exp.mkdir(parents=True)
+    (exp / "design_space.yaml").write_text(path.read_text())
+    assert load_saved(str(exp)).scheduler.grace_period == 1
+    assert read_saved(str(exp)).scheduler.grace_period == 1
 
 
 def test_bad_file_from_the_shell_has_no_traceback(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mtl.config import add_set_argument
 from mtl.search.experiment import is_uri, load_saved
-from mtl.search.space import SpaceError, load_space
+from mtl.search.space import SpaceError, load_space, premature_rung
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +74,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
             space = load_saved(args.space, args.overrides)
         else:
-            space = load_space(args.space, args.overrides)
+            # A resumed search keeps the budget it ran with; a new one may not judge sequential
+            # trials before they trained every task (premature_rung).
+            space = load_space(args.space, args.overrides, new=not args.resume)
     except SpaceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    problem = premature_rung(space) if args.resume else None
+    if problem is not None:
+        print(
+            f"warning: {args.space}: {problem[0]}: {problem[1]} (kept: the experiment ran with it)",
+            file=sys.stderr,
+        )
     for flag in ("smoke", "overwrite"):
         if getattr(args, flag) and args.resume:
             print(

@@ -200,7 +200,7 @@ def read_saved(exp_path: str) -> DesignSpace | None:
     text = _read(where)
     if text is None:
         return None
-    return parse_space(_yaml(text, where), where)
+    return parse_space(_yaml(text, where), where, new=False)
 
 
 def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
@@ -220,7 +220,7 @@ def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
         except ConfigError as err:
             raise SpaceError(str(err)) from None
         where += " (with --set)"
-    saved = parse_space(raw, where)
+    saved = parse_space(raw, where, new=False)
     storage, name = exp_dir.rsplit("/", 1)
     if name != saved.experiment.name:
         raise SpaceError(

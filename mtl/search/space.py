@@ -353,18 +353,21 @@ def _format_pydantic(err: ValidationError) -> str:
     return f"{key}: {msg}"
 
 
-def load_space(path: str | Path, overrides: list[str] | None = None) -> DesignSpace:
+def load_space(
+    path: str | Path, overrides: list[str] | None = None, new: bool = True
+) -> DesignSpace:
     """Read and validate a design-space file; raises :class:`SpaceError` (one line).
 
     ``overrides`` are ``key=value`` strings applied to the file before validation, such as
-    ``base.model.backbone=minilm`` or ``resources_per_trial.gpu=0``.
+    ``base.model.backbone=minilm`` or ``resources_per_trial.gpu=0``; ``new``: as
+    :func:`parse_space`'s (False for the file of a search that has run).
     """
     source = str(path) + (" (with --set)" if overrides else "")
     try:
         raw = apply_overrides(load_yaml(path), overrides)
     except ConfigError as err:
         raise SpaceError(str(err)) from None
-    return parse_space(raw, source)
+    return parse_space(raw, source, new)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -403,17 +406,68 @@ def _existing_keys(raw: dict[str, Any], parts: list[str]) -> list[str]:
     return keys
 
 
-def parse_space(raw: dict[str, Any], source: str = "design space") -> DesignSpace:
-    """Validate a design-space mapping; raises :class:`SpaceError` naming ``source`` and the key."""
+def parse_space(raw: dict[str, Any], source: str = "design space", new: bool = True) -> DesignSpace:
+    """Validate a design-space mapping; raises :class:`SpaceError` naming ``source`` and the key.
+
+    ``new=False`` for a space an experiment already ran with (its saved copy): the rules that
+    protect a search from a misleading budget (:func:`premature_rung`) are not enforced on it,
+    so that it can still be resumed and analysed as it ran.
+    """
     try:
         space = DesignSpace.model_validate(raw)
     except ValidationError as err:
         raise SpaceError(f"{source}: {_format_pydantic(err)}") from None
     try:
         _check(space)
+        problem = premature_rung(space) if new else None
+        if problem is not None:
+            raise _fail(*problem)
     except SpaceError as err:
         raise SpaceError(f"{source}: {err}") from None
     return space
+
+
+def premature_rung(space: DesignSpace) -> tuple[str, str] | None:
+    """(key, problem) where ASHA's first rung would judge a sequential trial before it trained
+    every task; None where it would not.
+
+    The sequential routine (:mod:`mtl.schedule`) trains all of one task, then the next, in every
+    epoch: an evaluation inside the first epoch scores the heads of the tasks still to come at
+    their initialisation (STS, trained last, near Pearson 0). ASHA stops trials at its rungs
+    (``grace_period`` evaluations, then that times ``reduction_factor``), so with a first rung
+    before one epoch it stops every sequential trial for what it has not trained yet, and the
+    searcher learns the same. The first rung must therefore come at one epoch or later.
+    """
+    if space.scheduler.type != "asha":
+        return None
+    base = build_config(space.base)
+    if len(base.data.tasks) < 2:
+        return None
+    routines: list[Any] = [base.train.routine]
+    every: list[Any] = [base.train.eval_every]
+    where = "base.train.routine"
+    for name, p in space.parameters.items():
+        values = finite_values(p)
+        if space.path_of(name) == "train.routine" and values is not None:
+            routines, where = values, f"parameters.{name}"
+        if space.path_of(name) == "train.eval_every" and values is not None:
+            every = values
+    if "sequential" not in routines:
+        return None
+    shortest = min(float(e) for e in every)
+    if shortest >= 1:
+        return None
+    per_epoch = max(1, round(1 / shortest))
+    grace = space.scheduler.grace_period
+    if grace >= per_epoch:
+        return None
+    return (
+        "scheduler.grace_period",
+        f"{grace} evaluation{'s' if grace > 1 else ''} is {grace / per_epoch:g} of an epoch: "
+        f"ASHA's first rung would stop sequential trials ({where} allows train.routine "
+        "sequential) before they have trained every task (each epoch trains the tasks one "
+        f"after the other); set it to {per_epoch} (one epoch) or more",
+    )
 
 
 def _fail(key: str, problem: str) -> SpaceError:
