@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The reference results under results/: quick.yaml as shipped, its top 3 configurations
-# retrained on all the training data and ensembled, then the paper's ablation grids (Tables 1-5)
-# with MiniLM on CPU at a small budget, then the analysis of each experiment.
+# The reference results under results/: quick.yaml as shipped and its ensemble, the paper's
+# ablation grids (Tables 1-5) with MiniLM on CPU at a small budget, and the search on all the
+# local data (full_cpu.yaml) with the final ensemble, then the analysis of each experiment.
 # Resumable: run it again and each search continues (--resume) instead of starting over.
 # Usage: [EXAMPLES=N EPOCHS=N LR=X GRIDS="..." PARTS="..."] results/run_reference.sh [STORAGE]
 #   STORAGE defaults to ../mtl-reference-runs, outside the repo: the experiments hold model
@@ -9,7 +9,7 @@
 #   examples per task, default 1000), EPOCHS (default 2), LR (the grids' fixed learning rate,
 #   default: the trainer's per-mode default, the paper's) and GRIDS (default: all four) set the
 #   grids' budget; results/BUDGET.md records what each committed table ran with. PARTS (default
-#   "quick grids") picks what runs: quick (quick.yaml, its retrain and ensembles), grids, and/or
+#   "quick grids") picks what runs: quick (quick.yaml and its ensemble), grids, and/or
 #   full (search_spaces/full_cpu.yaml on all the local data, hours on 2 cores, then its greedy
 #   ensemble; its own budget is in the file, not the grids' --set overrides).
 set -euo pipefail
@@ -62,14 +62,6 @@ table_5_design_routine_contrastive}
 parts=${PARTS:-quick grids}
 if [[ " $parts " == *" quick "* ]]; then
   search search_spaces/quick.yaml quick --set "experiment.storage_path=$storage"
-  # The ensemble's members: quick's top 3 configurations again on all the local training data.
-  if [ ! -f results/quick-retrain/retrain.yaml ]; then
-    mkdir -p results/quick-retrain
-    python -m analysis.retrain "$storage/quick" --top-k 3 --out results/quick-retrain/retrain.yaml \
-      --set "experiment.storage_path=$storage" --set base.data.max_train_examples=null \
-      --set base.data.max_eval_examples=null --set base.train.epochs=1
-  fi
-  search results/quick-retrain/retrain.yaml quick-retrain --set "experiment.storage_path=$storage"
 fi
 if [[ " $parts " == *" grids "* ]]; then
   for grid in $grids; do
@@ -93,10 +85,6 @@ if [[ " $parts " == *" quick "* ]]; then
     python -m analysis.importance "$storage/quick" --out results/quick
     python -m analysis.ensemble "$storage/quick" --top-k 3 --out results/quick
     python -m analysis.report "$storage/quick" --out results/quick
-  fi
-  if [ ! -f results/quick-retrain/ensemble/ensemble.json ]; then
-    python -m analysis.ensemble "$storage/quick-retrain" --top-k 3 --out results/quick-retrain
-    python -m analysis.report "$storage/quick-retrain" --out results/quick-retrain
   fi
 fi
 if [[ " $parts " == *" grids "* ]]; then
