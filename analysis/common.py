@@ -386,7 +386,7 @@ def read_space(exp_dir: Path, given: str | Path | None) -> tuple[DesignSpace | N
     is not a valid design space."""
     try:
         if given is not None:
-            return _smoke(load_space(given, new=False), exp_dir), Path(given)
+            return _smoke(load_space(given), exp_dir), Path(given)
         saved = experiment_folder.read_saved(str(exp_dir))
     except ConfigError as err:
         hint = "" if given is not None else " (pass the experiment's file with --space)"

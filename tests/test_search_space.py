@@ -14,7 +14,6 @@ import yaml
 
 from mtl.config import Config, build_config
 from mtl.search.__main__ import main
-from mtl.search.experiment import load_saved, read_saved
 from mtl.search.run import make_searcher
 from mtl.search.space import SpaceError, grid_points, holds, load_space, parse_space, suggest
 
@@ -211,22 +210,6 @@ BAD_FILES = [
         r"search\.points_to_evaluate: 21 points but num_samples is 20",
     ),
     ("invalid-yaml", "experiment: {name: t\nparameters: [\n", r"line \d+ invalid YAML"),
-    (
-        "asha-judges-sequential-trials-inside-the-first-epoch",
-        _space(SEQUENTIAL_HALF_EPOCH_RUNG),
-        r"scheduler\.grace_period: 1 evaluation is 0\.5 of an epoch: ASHA's first rung would "
-        r"stop sequential trials \(parameters\.routine allows train\.routine sequential\) .* "
-        r"set it to 2 \(one epoch\) or more",
-    ),
-    (
-        "asha-judges-a-sequential-base-inside-the-first-epoch",
-        _space(
-            "base: {train: {routine: sequential, epochs: 3, eval_every: 0.25}}\n"
-            "scheduler: {grace_period: 3}"
-        ),
-        r"scheduler\.grace_period: 3 evaluations is 0\.75 of an epoch: .*"
-        r"\(base\.train\.routine allows train\.routine sequential\) .* set it to 4",
-    ),
 ]
 
 
@@ -245,7 +228,37 @@ def test_bad_file_gets_one_line_and_exit_status_2(tmp_path, capsys, text, expect
         load_space(path)
 
 
-def test_a_first_rung_at_one_epoch_or_without_sequential_trials_is_accepted(tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            SEQUENTIAL_HALF_EPOCH_RUNG,
+            r"scheduler\.grace_period: 1 evaluation is 0\.5 of an epoch: ASHA's first rung would "
+            r"stop sequential trials \(parameters\.routine allows train\.routine sequential\) .* "
+            r"set it to 2 \(one epoch\) or more",
+        ),
+        (
+            "base: {train: {routine: sequential, epochs: 3, eval_every: 0.25}}\n"
+            "scheduler: {grace_period: 3}",
+            r"scheduler\.grace_period: 3 evaluations is 0\.75 of an epoch: .*"
+            r"\(base\.train\.routine allows train\.routine sequential\) .* set it to 4",
+        ),
+    ],
+    ids=["searched-routine", "sequential-base"],
+)
+def test_asha_judging_sequential_trials_inside_their_first_epoch_is_named(
+    tmp_path, capsys, extra, expected
+):
+    path = tmp_path / "space.yaml"
+    path.write_text(_space(extra))
+    assert main([str(path), "--check"]) == 0  # a warning: a search run with it still resumes
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"warning: {path}: "), err
+    assert re.search(expected, err), err
+
+
+def test_a_first_rung_at_one_epoch_or_without_sequential_trials_is_not_named(tmp_path, capsys):
     for extra in (
         SEQUENTIAL_HALF_EPOCH_RUNG.replace("grace_period: 1", "grace_period: 2"),
         SEQUENTIAL_HALF_EPOCH_RUNG.replace("sequential, round_robin", "round_robin"),
@@ -254,22 +267,8 @@ def test_a_first_rung_at_one_epoch_or_without_sequential_trials_is_accepted(tmp_
     ):
         path = tmp_path / "space.yaml"
         path.write_text(_space(extra))
-        load_space(path)
-
-
-def test_a_resume_keeps_the_first_rung_it_ran_with_and_warns(tmp_path, capsys):
-    # An experiment started before the rule must still resume and be analysed as it ran.
-    path = tmp_path / "space.yaml"
-    path.write_text(_space(SEQUENTIAL_HALF_EPOCH_RUNG))
-    assert main([str(path), "--resume", "--check"]) == 0
-    err = capsys.readouterr().err
-    assert err.startswith(f"warning: {path}: scheduler.grace_period: 1 evaluation"), err
-    assert err.endswith("(kept: the experiment ran with it)\n"), err
-    exp = tmp_path / "storage" / "t"
-    exp.mkdir(parents=True)
-    (exp / "design_space.yaml").write_text(path.read_text())
-    assert load_saved(str(exp)).scheduler.grace_period == 1
-    assert read_saved(str(exp)).scheduler.grace_period == 1
+        assert main([str(path), "--check"]) == 0
+        assert capsys.readouterr().err == ""
 
 
 def test_bad_file_from_the_shell_has_no_traceback(tmp_path):

@@ -74,18 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             space = load_saved(args.space, args.overrides)
         else:
-            # A resumed search keeps the budget it ran with; a new one may not judge sequential
-            # trials before they trained every task (premature_rung).
-            space = load_space(args.space, args.overrides, new=not args.resume)
+            space = load_space(args.space, args.overrides)
     except SpaceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    problem = premature_rung(space) if args.resume else None
+    problem = premature_rung(space)
     if problem is not None:
-        print(
-            f"warning: {args.space}: {problem[0]}: {problem[1]} (kept: the experiment ran with it)",
-            file=sys.stderr,
-        )
+        # A warning, not a refusal: a search run with it must still resume as it ran.
+        print(f"warning: {args.space}: {problem[0]}: {problem[1]}", file=sys.stderr)
     for flag in ("smoke", "overwrite"):
         if getattr(args, flag) and args.resume:
             print(

@@ -200,7 +200,7 @@ def read_saved(exp_path: str) -> DesignSpace | None:
     text = _read(where)
     if text is None:
         return None
-    return parse_space(_yaml(text, where), where, new=False)
+    return parse_space(_yaml(text, where), where)
 
 
 def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
@@ -220,7 +220,7 @@ def load_saved(exp_dir: str, overrides: list[str] | None = None) -> DesignSpace:
         except ConfigError as err:
             raise SpaceError(str(err)) from None
         where += " (with --set)"
-    saved = parse_space(raw, where, new=False)
+    saved = parse_space(raw, where)
     storage, name = exp_dir.rsplit("/", 1)
     if name != saved.experiment.name:
         raise SpaceError(

@@ -353,21 +353,18 @@ def _format_pydantic(err: ValidationError) -> str:
     return f"{key}: {msg}"
 
 
-def load_space(
-    path: str | Path, overrides: list[str] | None = None, new: bool = True
-) -> DesignSpace:
+def load_space(path: str | Path, overrides: list[str] | None = None) -> DesignSpace:
     """Read and validate a design-space file; raises :class:`SpaceError` (one line).
 
     ``overrides`` are ``key=value`` strings applied to the file before validation, such as
-    ``base.model.backbone=minilm`` or ``resources_per_trial.gpu=0``; ``new``: as
-    :func:`parse_space`'s (False for the file of a search that has run).
+    ``base.model.backbone=minilm`` or ``resources_per_trial.gpu=0``.
     """
     source = str(path) + (" (with --set)" if overrides else "")
     try:
         raw = apply_overrides(load_yaml(path), overrides)
     except ConfigError as err:
         raise SpaceError(str(err)) from None
-    return parse_space(raw, source, new)
+    return parse_space(raw, source)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -406,22 +403,14 @@ def _existing_keys(raw: dict[str, Any], parts: list[str]) -> list[str]:
     return keys
 
 
-def parse_space(raw: dict[str, Any], source: str = "design space", new: bool = True) -> DesignSpace:
-    """Validate a design-space mapping; raises :class:`SpaceError` naming ``source`` and the key.
-
-    ``new=False`` for a space an experiment already ran with (its saved copy): the rules that
-    protect a search from a misleading budget (:func:`premature_rung`) are not enforced on it,
-    so that it can still be resumed and analysed as it ran.
-    """
+def parse_space(raw: dict[str, Any], source: str = "design space") -> DesignSpace:
+    """Validate a design-space mapping; raises :class:`SpaceError` naming ``source`` and the key."""
     try:
         space = DesignSpace.model_validate(raw)
     except ValidationError as err:
         raise SpaceError(f"{source}: {_format_pydantic(err)}") from None
     try:
         _check(space)
-        problem = premature_rung(space) if new else None
-        if problem is not None:
-            raise _fail(*problem)
     except SpaceError as err:
         raise SpaceError(f"{source}: {err}") from None
     return space
