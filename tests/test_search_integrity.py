@@ -6,6 +6,8 @@ BERT of test_search_run.py, with as few trials and evaluations as each case need
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -421,6 +423,46 @@ def test_asha_after_a_resume_still_stops_by_the_first_runs_results(
 
 # ---------------------------------------------------------------------------------------------
 # 12. results.csv's columns do not depend on the first trial
+
+
+def test_a_search_interrupted_in_its_seed_repeats_exits_1_and_resumes_them(
+    tmp_path, tiny_backbone, real_data_dir
+):
+    # The reference run's case: interrupted (SIGINT) while its seed repeats ran, the search
+    # exited 0 like a finished one, so results/run_reference.sh marked it complete and the
+    # repeats were never resumed.
+    space = _slow_space(tmp_path, tiny_backbone, real_data_dir, "cut", num_samples=1)
+    raw = yaml.safe_load(space.read_text())
+    raw["search"]["repeats"] = {"top_k": 1, "seeds": [1, 2]}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    exp, rexp = tmp_path / "results" / "cut", tmp_path / "results" / "cut-repeats"
+    proc = start(space, cwd=tmp_path)
+    try:
+        _wait(
+            lambda: any(len(result_rows(d)) >= 2 for d in trial_dirs(rexp)),
+            proc,
+            480,
+            "a seed repeat under way",
+        )
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: Tune stops and saves its state
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_driver(proc)
+    assert proc.returncode == 1, out[-3000:]
+    assert re.search(r"interrupted: [12] of 2 seed repeats have not ended", out), out[-3000:]
+    resumed = subprocess.run(
+        [*RESUME_DIR, str(exp), "--num-cpus", "2", "--no-dashboard"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    runs = pd.read_csv(exp / "repeats.csv")
+    assert sorted(runs["seed"]) == [0, 1, 2]
+    assert (runs["status"] == "completed").all(), runs
 
 
 def _row(trial_id: str, params: dict) -> TrialRow:

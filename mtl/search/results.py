@@ -99,6 +99,8 @@ class Summary:
     path: str
     rows: list[TrialRow]
     repeats: pd.DataFrame | None = field(default=None)
+    # Seed repeats of the top configurations that have not ended (the repeats were interrupted).
+    repeats_unfinished: int = 0
 
     @property
     def metric(self) -> str:
@@ -115,8 +117,8 @@ class Summary:
 
     @property
     def unfinished(self) -> bool:
-        """Whether some trial has not ended (the run was interrupted)."""
-        return any(r.status == "unfinished" for r in self.rows)
+        """Whether some trial, or some seed repeat, has not ended (the run was interrupted)."""
+        return self.repeats_unfinished > 0 or any(r.status == "unfinished" for r in self.rows)
 
     @property
     def failed(self) -> bool:

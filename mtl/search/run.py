@@ -693,6 +693,21 @@ def run_repeats(
     clean_scratch(rexp)
     tuner.fit()
     clean_scratch(rexp)
-    return results_lib.add_repeats(
+    summary = results_lib.add_repeats(
         summary, rspace, rexp.path, base_seed=build_config(space.base).seed, top_k=rep.top_k
     )
+    # An interrupted Tuner returns like a finished one: count the seed runs that have not ended
+    # (started and cut, or never started), so that the search exits 1 and is resumed, not taken
+    # as finished with some of its repeats missing.
+    ended = {
+        _point_id(t.config[POINT_KEY])
+        for t in tune.ExperimentAnalysis(rexp.path).trials
+        if POINT_KEY in t.config and t.status in ("TERMINATED", "ERROR")
+    }
+    summary.repeats_unfinished = sum(_point_id(p) not in ended for p in points)
+    if summary.repeats_unfinished:
+        print(
+            f"interrupted: {summary.repeats_unfinished} of {len(points)} seed repeats have not "
+            f"ended; continue with  python -m mtl.search --resume {exp.path}"
+        )
+    return summary
