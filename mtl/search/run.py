@@ -668,7 +668,8 @@ def run_repeats(
     rexp = Experiment(rspace.experiment.name, exp.storage_path, None)
     trainable = make_trainable(rspace, data_cache)
     param_space = {POINT_KEY: tune.grid_search(points)}
-    if resume and tune.Tuner.can_restore(rexp.path):
+    restored = resume and tune.Tuner.can_restore(rexp.path)
+    if restored:
         _warn_unrepeated(points, rexp, rep.top_k)
         tuner = tune.Tuner.restore(
             rexp.path,
@@ -698,13 +699,14 @@ def run_repeats(
     )
     # An interrupted Tuner returns like a finished one: count the seed runs that have not ended
     # (started and cut, or never started), so that the search exits 1 and is resumed, not taken
-    # as finished with some of its repeats missing.
-    ended = {
-        _point_id(t.config[POINT_KEY])
-        for t in tune.ExperimentAnalysis(rexp.path).trials
-        if POINT_KEY in t.config and t.status in ("TERMINATED", "ERROR")
-    }
-    summary.repeats_unfinished = sum(_point_id(p) not in ended for p in points)
+    # as finished with some of its repeats missing. A new grid holds every point; a restored
+    # one only those it started with (_warn_unrepeated named the others, which --resume cannot run).
+    trials = [t for t in tune.ExperimentAnalysis(rexp.path).trials if POINT_KEY in t.config]
+    cut = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    if not restored:
+        held = {_point_id(t.config[POINT_KEY]) for t in trials}
+        cut += sum(_point_id(p) not in held for p in points)
+    summary.repeats_unfinished = cut
     if summary.repeats_unfinished:
         print(
             f"interrupted: {summary.repeats_unfinished} of {len(points)} seed repeats have not "
