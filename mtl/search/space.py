@@ -49,7 +49,7 @@ from mtl.config import (
     parse_override,
 )
 from mtl.metrics import record_metrics, unmeasured
-from mtl.schedule import evaluations_per_run
+from mtl.schedule import evaluations_in_epoch, evaluations_per_run
 from mtl.tasks import registry
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
@@ -443,10 +443,11 @@ def premature_rung(space: DesignSpace) -> tuple[str, str] | None:
             every = values
     if "sequential" not in routines:
         return None
-    shortest = min(float(e) for e in every)
-    if shortest >= 1:
-        return None
-    per_epoch = max(1, round(1 / shortest))
+    # Evaluations in the first epoch, as the trainer schedules them (0 or 1 for whole epochs).
+    per_epoch = max(
+        evaluations_in_epoch(0, build_config(merge(space.base, {"train": {"eval_every": e}})))
+        for e in every
+    )
     grace = space.scheduler.grace_period
     if grace >= per_epoch:
         return None
