@@ -272,10 +272,27 @@ def gold_labels(cache: dict[Any, dict[Key, Any]]) -> dict[str, np.ndarray]:
 # Combining
 
 
+def same_splits(members: list[Member], outputs: list[Outputs]) -> None:
+    """Raise :class:`AnalysisError` naming the first member that scored other (task, split)s
+    than the first member did (members that trained different ``data.tasks``): averaging only
+    the splits all share would drop a task from the ensemble's overall score unsaid."""
+    first = set(outputs[0].values)
+    for m, o in zip(members[1:], outputs[1:], strict=True):
+        differ = sorted(first ^ set(o.values))
+        if differ:
+            task, split = differ[0]
+            has, lacks = (m, members[0]) if (task, split) in o.values else (members[0], m)
+            raise AnalysisError(
+                f"member {lacks.trial_id} has no {task} {split} scores and member "
+                f"{has.trial_id} has (members must train the same data.tasks)"
+            )
+
+
 def average(outputs: list[Outputs]) -> Outputs:
-    """The members' mean scores; every member must cover the same examples in the same order."""
+    """The members' mean scores; every member must cover the same splits (:func:`same_splits`)
+    and examples, in the same order."""
     first = outputs[0]
-    keys = [k for k in first.values if all(k in o.values for o in outputs)]
+    keys = list(first.values)
     for o in outputs[1:]:
         for k in keys:
             if o.ids[k] != first.ids[k]:
@@ -484,6 +501,7 @@ def run(
     for m in members:
         print(f"member {m.trial_id} ({m.configuration}): scoring dev and test", flush=True)
         outputs.append(member_outputs(m, data, dev, cache))
+    same_splits(members, outputs)
     gold = gold_labels(cache)
     tasks = registry(members[0].cfg.data)
     member_metrics = [evaluate(o, gold, tasks) for o in outputs]

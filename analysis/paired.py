@@ -113,6 +113,10 @@ def prediction_file(exp: ExperimentView, trial_id: str) -> Path | None:
 # Aligned predictions
 
 
+class NotComparable(Exception):
+    """The two sides cannot be compared on the same dev examples (the message says why)."""
+
+
 @dataclass(frozen=True)
 class TaskPairs:
     """One task's predictions of both sides, aligned by example id.
@@ -141,7 +145,7 @@ def align(
     source: str,
     tasks: Mapping[str, Task] = BUILTIN,
 ) -> list[TaskPairs]:
-    """The tasks every run predicted, each as :class:`TaskPairs` over the union of examples.
+    """The tasks the runs predicted, each as :class:`TaskPairs` over the union of examples.
 
     An example is its id and, for an id the dev file repeats (:mod:`mtl.data` keeps such rows and
     the trainer scores each), its occurrence: the k-th row with that id in one run's file meets
@@ -153,11 +157,25 @@ def align(
         tasks: the tasks the runs may have predicted, in the order to compare them.
 
     Raises:
+        NotComparable: a task some runs predicted and others did not.
         AnalysisError: one example with two different gold labels.
     """
     key = ["id", "occurrence"]  # an example: its id, and which row with that id in its file
     frames = [f for pair in pairs for f in pair]
-    present = [t for t in tasks.values() if all((f["task"] == t.name).any() for f in frames)]
+    present = [t for t in tasks.values() if any((f["task"] == t.name).any() for f in frames)]
+    for task in present:
+        # A task only some runs predicted would drop out of the overall score of the ones that
+        # did: the overall difference would compare unlike scores.
+        lacking = [
+            f"side {'AB'[i % 2]} of seed pair {i // 2 + 1}"
+            for i, f in enumerate(frames)
+            if not (f["task"] == task.name).any()
+        ]
+        if lacking:
+            raise NotComparable(
+                f"{task.name} has no dev predictions in {', '.join(lacking)} "
+                "(the runs trained different data.tasks)"
+            )
     out = []
     for task in present:
         rows = [f[f["task"] == task.name] for f in frames]
@@ -252,10 +270,6 @@ def _difference(tasks: list[TaskPairs], metric: str, sums: Callable[[int], tuple
 # The comparison
 
 
-class NotComparable(Exception):
-    """The two sides share too few dev examples to be compared (the message says why)."""
-
-
 @dataclass(frozen=True)
 class Comparison:
     """``B - A`` for one metric: the difference on the dev examples, its 95% bootstrap interval
@@ -295,13 +309,14 @@ def compare(
         the number of examples per task both sides predicted (the union over seed pairs).
 
     Raises:
-        NotComparable: a task where a seed pair shares fewer than ``MIN_SHARED`` examples.
-        AnalysisError: no task in common, or an example with two gold labels.
+        NotComparable: a task where a seed pair shares fewer than ``MIN_SHARED`` examples, or
+            that some runs predicted and others did not.
+        AnalysisError: no task predicted, or an example with two gold labels.
     """
     known = tasks
     tasks = align(pairs, source, known)
     if not tasks:
-        raise AnalysisError(f"{source}: no task that every run predicted")
+        raise AnalysisError(f"{source}: no task predicted")
     shared = min(int(tp.both.sum(1).min()) for tp in tasks)
     if shared < MIN_SHARED:
         raise NotComparable(

@@ -303,19 +303,28 @@ ORDER: dict[str, list[Any]] = {
 SIGNIFICANT_MARK = "*"
 
 
-def row_runs(exp: ExperimentView, trial_id: str) -> dict[int, str]:
-    """seed -> trial id: the completed seed runs of ``trial_id``'s parameters (itself included),
-    or the trial alone under its config's seed."""
+Run = tuple[int, int]  # (seed, k): the k-th completed run under that seed (k = 0 mostly)
+
+
+def row_runs(exp: ExperimentView, trial_id: str) -> dict[Run, str]:
+    """(seed, k) -> trial id: the completed seed runs of ``trial_id``'s parameters (itself
+    included), or the trial alone under its config's seed. A seed that ran twice (a grid
+    repeated by ``num_samples``) keeps both runs, as (seed, 0) and (seed, 1)."""
     runs = seed_runs(exp, trial_id)
     if runs is not None and len(runs) > 1:
-        return {int(s): str(t) for s, t in zip(runs["seed"], runs["trial_id"], strict=True)}
+        seeds = runs["seed"].astype(int).reset_index(drop=True)
+        k = seeds.groupby(seeds).cumcount()
+        return {
+            (int(s), int(i)): str(t) for s, i, t in zip(seeds, k, runs["trial_id"], strict=True)
+        }
     cfg = exp.trial_config(trial_id) or {}
-    return {int(cfg.get("seed", 0)): trial_id}
+    return {(int(cfg.get("seed", 0)), 0): trial_id}
 
 
-def seed_pairs(a: dict[int, str], b: dict[int, str]) -> list[tuple[int, str, str]]:
-    """(seed, A's trial, B's trial) for the seeds both sides ran; without a common seed, the
-    runs paired in seed order (as many as the side with fewer)."""
+def seed_pairs(a: dict[Run, str], b: dict[Run, str]) -> list[tuple[Run, str, str]]:
+    """(run, A's trial, B's trial) for the runs both sides have (the same seed, the same
+    repetition); without one in common, the runs paired in seed order (as many as the side
+    with fewer)."""
     common = sorted(set(a) & set(b))
     if common:
         return [(s, a[s], b[s]) for s in common]
@@ -324,8 +333,8 @@ def seed_pairs(a: dict[int, str], b: dict[int, str]) -> list[tuple[int, str, str
 
 def compare_runs(
     exp: ExperimentView,
-    base: dict[int, str],
-    variant: dict[int, str],
+    base: dict[Run, str],
+    variant: dict[Run, str],
     source: str,
     resamples: int,
     seed: int,

@@ -834,6 +834,23 @@ def test_greedy_optimism_finds_what_selection_on_dev_adds_to_members_that_know_n
     assert single["held_out"] == pytest.approx(np.mean(held_out))
 
 
+def test_members_that_trained_different_tasks_are_refused_not_averaged_over_what_they_share():
+    # average() kept the splits every member had: a member without STS dropped STS from the
+    # ensemble, and its overall score was a two-task mean set beside three-task members'.
+    rng = np.random.default_rng(0)
+    outputs = [_noise_outputs(rng, 30) for _ in range(3)]
+    del outputs[2].values[("sts", "dev")], outputs[2].ids[("sts", "dev")]
+    members = [
+        ensemble.Member(t, None, Path(t), "design 2", 0.5)  # type: ignore[arg-type]
+        for t in ("aaaa", "bbbb", "cccc")
+    ]
+    ensemble.same_splits(members[:2], outputs[:2])
+    with pytest.raises(AnalysisError, match="member cccc has no sts dev scores and member aaaa"):
+        ensemble.same_splits(members, outputs)
+    with pytest.raises(AnalysisError, match="member cccc has no sts dev scores and member aaaa"):
+        ensemble.same_splits([members[2], members[0]], [outputs[2], outputs[0]])
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 

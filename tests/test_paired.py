@@ -77,3 +77,65 @@ def test_a_prediction_or_gold_that_is_not_a_finite_number_is_named(tmp_path, cel
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(AnalysisError, match=re.escape(f"{path}: line {line}: ")):
         paired.read_dev_predictions(path)
+
+
+def test_a_task_only_some_runs_predicted_is_not_compared_rather_than_dropped(tmp_path):
+    """Runs that trained different data.tasks: the task was left out of every metric, so the
+    overall difference compared A's two-task score with B's three-task one as if alike."""
+    rng = np.random.default_rng(1)
+    n = 20
+    ids = [f"e{i}" for i in range(n)]
+    gold = rng.uniform(0, 5, n).round(1)
+    sts = _sts_rows(ids, gold + rng.normal(0, 1, n), gold)
+    sst = [("sst", f"s{i}", float(i % 5), float((i * 2) % 5)) for i in range(n)]
+    a = paired.read_dev_predictions(_write(tmp_path / "a.csv", sts + sst))
+    b = paired.read_dev_predictions(_write(tmp_path / "b.csv", sts))
+    with pytest.raises(
+        paired.NotComparable, match="sst has no dev predictions in side B of seed pair 2"
+    ):
+        paired.compare([(a, a), (a, b)], "tasks", resamples=99)
+    results, examples = paired.compare([(b, b)], "one task", resamples=99)
+    assert examples == {"sts": n} and {c.metric for c in results} == {"sts_pearson", "overall"}
+
+
+def test_a_seed_that_ran_twice_keeps_both_runs_in_the_comparison(tmp_path):
+    """A grid repeated by num_samples runs each cell twice under one seed: the comparison kept
+    one run of each side (seed -> trial), so half the runs were dropped unsaid."""
+    from analysis import tables
+    from analysis.common import load_experiment
+
+    rng = np.random.default_rng(2)
+    n = 30
+    ids = [f"e{i}" for i in range(n)]
+    gold = rng.uniform(0, 5, n).round(1)
+    rows = []
+    for trial, design, noise in (("a0", 1, 2.0), ("a1", 1, 1.5), ("b0", 2, 1.0), ("b1", 2, 0.2)):
+        folder = tmp_path / trial
+        folder.mkdir()
+        pred = gold + rng.normal(0, noise, n)
+        _write(folder / paired.DEV_PREDICTIONS_FILE, _sts_rows(ids, pred, gold))
+        r = scipy.stats.pearsonr(pred, gold).statistic
+        rows.append(
+            {
+                "trial_id": trial,
+                "status": "completed",
+                "evaluations": 2,
+                "trial_dir": str(folder),
+                "best_checkpoint": "",
+                "param.design": design,
+                "param.seed": 0,
+                "best.overall": (r + 1) / 2,
+                "best.sst_acc": None,
+                "best.para_acc": None,
+                "best.sts_pearson": r,
+            }
+        )
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    exp = load_experiment(tmp_path)
+    base, variant = tables.row_runs(exp, "a0"), tables.row_runs(exp, "b0")
+    assert sorted(base.values()) == ["a0", "a1"] and sorted(variant.values()) == ["b0", "b1"]
+    record = tables.compare_runs(exp, base, variant, "repeated grid", 199, 0)
+    r = {t["trial_id"]: t["best.sts_pearson"] for t in rows}
+    assert record["seeds"] == 2 and record["base_trials"] == "a0 a1"
+    want = (r["b0"] - r["a0"] + r["b1"] - r["a1"]) / 2
+    assert record["sts_pearson_diff"] == pytest.approx(want, abs=1e-12)
