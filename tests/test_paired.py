@@ -29,7 +29,7 @@ def test_a_dev_id_the_file_repeats_is_paired_by_occurrence_not_dropped(tmp_path)
     """The trainer keeps dev rows whose id an earlier row had (mtl.data counts them) and scores
     every row; the comparison must too: the k-th row with an id in A meets the k-th in B."""
     rng = np.random.default_rng(0)
-    n = 24
+    n = 40
     ids = [f"e{i}" for i in range(n)]
     ids[7] = ids[3]  # one id twice, on two examples with different gold scores
     ids[15] = ids[11]  # and one id twice with the same gold score
@@ -83,7 +83,7 @@ def test_a_task_only_some_runs_predicted_is_not_compared_rather_than_dropped(tmp
     """Runs that trained different data.tasks: the task was left out of every metric, so the
     overall difference compared A's two-task score with B's three-task one as if alike."""
     rng = np.random.default_rng(1)
-    n = 20
+    n = 40
     ids = [f"e{i}" for i in range(n)]
     gold = rng.uniform(0, 5, n).round(1)
     sts = _sts_rows(ids, gold + rng.normal(0, 1, n), gold)
@@ -105,7 +105,7 @@ def test_a_seed_that_ran_twice_keeps_both_runs_in_the_comparison(tmp_path):
     from analysis.common import load_experiment
 
     rng = np.random.default_rng(2)
-    n = 30
+    n = 40
     ids = [f"e{i}" for i in range(n)]
     gold = rng.uniform(0, 5, n).round(1)
     rows = []
@@ -139,3 +139,28 @@ def test_a_seed_that_ran_twice_keeps_both_runs_in_the_comparison(tmp_path):
     assert record["seeds"] == 2 and record["base_trials"] == "a0 a1"
     want = (r["b0"] - r["a0"] + r["b1"] - r["a1"]) / 2
     assert record["sts_pearson_diff"] == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("shared", [10, paired.MIN_SHARED - 1, paired.MIN_SHARED])
+def test_a_seed_pair_sharing_few_examples_is_refused_before_its_interval_can_be_nan(
+    tmp_path, shared
+):
+    """Seed pair 2 evaluated other dev examples but ``shared``: resamples of the 400-example
+    union that drew none of them made its Pearson undefined, and the interval NaN."""
+    rng = np.random.default_rng(3)
+    n = 400
+    ids = [f"e{i}" for i in range(n)]
+    gold = rng.uniform(0, 5, n).round(1)
+    full = [gold + rng.normal(0, s, n) for s in (1.0, 0.5)]
+    a, b = (
+        paired.read_dev_predictions(_write(tmp_path / f"{k}.csv", _sts_rows(ids, p, gold)))
+        for k, p in zip("ab", full, strict=True)
+    )
+    few = b.iloc[n - shared :]  # the last `shared` examples only
+    pairs = [(a, b), (a, few)]
+    if shared < paired.MIN_SHARED:
+        with pytest.raises(paired.NotComparable, match=f"only {shared} dev examples in common"):
+            paired.compare(pairs, "few", resamples=9999)
+        return
+    results, _ = paired.compare(pairs, "enough", resamples=9999)
+    assert all(np.isfinite([c.difference, c.low, c.high, c.p_value]).all() for c in results)
