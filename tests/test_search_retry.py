@@ -213,11 +213,11 @@ def test_repeats_csv_names_the_runs_it_leaves_out(errored_then_retried, tmp_path
     rspace = repeats_space(space, summary)
     rpath = str(exp.parent / "retry-repeats")  # seed 1 of the top 2, joined here with a top 1
     capsys.readouterr()
-    results.add_repeats(summary, rspace, rpath, build_config(space.base).seed, top_k=1)
+    rows = results.read_rows(rspace, rpath, None)
+    results.add_repeats(summary, rows, rpath, build_config(space.base).seed, top_k=1)
     out = capsys.readouterr().out
     runs = pd.read_csv(tmp_path / "repeats.csv")
-    left_out = [r.trial_id for r in results.read_rows(rspace, rpath, None)]
-    left_out = [t for t in left_out if t not in set(runs["trial_id"])]
+    left_out = [r.trial_id for r in rows if r.trial_id not in set(runs["trial_id"])]
     assert len(runs) == 2 and len(left_out) == 1
     assert f"repeats: 1 runs in {rpath} repeat configurations no longer among the top 1" in out
     assert out.split("left out of repeats.csv: ")[1].split()[0] == left_out[0]

@@ -329,16 +329,17 @@ def write(summary: Summary) -> None:
 
 
 def add_repeats(
-    summary: Summary, rspace: DesignSpace, rpath: str, base_seed: int, top_k: int
+    summary: Summary, repeat_rows: list[TrialRow], rpath: str, base_seed: int, top_k: int
 ) -> Summary:
     """Join the seed repeats with the search's own runs into repeats.csv and its summary.
+
+    ``repeat_rows``: the runs of the repeats experiment at ``rpath`` (:func:`read_rows`).
 
     repeats.csv has one row per run: ``config`` (the configuration's rank among the top
     ``top_k``), ``seed``, ``trial_id``, ``status``, ``trial_dir``, ``best_checkpoint`` (where the
     analyses find the run: :meth:`analysis.common.ExperimentView.run_row`) and the run's best
     dev metrics under their own names.
     """
-    repeat_rows = read_rows(rspace, rpath, None)
     runs, configs, matched = [], [], set()
     for i, top in enumerate(summary.top(top_k, "completed")):
         configs.append({"config": i, **top.params})

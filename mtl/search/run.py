@@ -694,17 +694,17 @@ def run_repeats(
     clean_scratch(rexp)
     tuner.fit()
     clean_scratch(rexp)
+    repeat_rows = results_lib.read_rows(rspace, rexp.path, None)
     summary = results_lib.add_repeats(
-        summary, rspace, rexp.path, base_seed=build_config(space.base).seed, top_k=rep.top_k
+        summary, repeat_rows, rexp.path, base_seed=build_config(space.base).seed, top_k=rep.top_k
     )
     # An interrupted Tuner returns like a finished one: count the seed runs that have not ended
     # (started and cut, or never started), so that the search exits 1 and is resumed, not taken
     # as finished with some of its repeats missing. A new grid holds every point; a restored
     # one only those it started with (_warn_unrepeated named the others, which --resume cannot run).
-    trials = [t for t in tune.ExperimentAnalysis(rexp.path).trials if POINT_KEY in t.config]
-    cut = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    cut = sum(r.status == "unfinished" for r in repeat_rows)
     if not restored:
-        held = {_point_id(t.config[POINT_KEY]) for t in trials}
+        held = {_point_id(r.params) for r in repeat_rows}
         cut += sum(_point_id(p) not in held for p in points)
     summary.repeats_unfinished = cut
     if summary.repeats_unfinished:
