@@ -70,3 +70,26 @@ def test_an_interrupted_search_is_resumed_though_it_wrote_results_csv(tmp_path):
     code, calls = _run(tmp_path, 0)
     assert code == 0 and _searches(calls) == []
     assert any(c.startswith("-m analysis.tables") for c in calls)
+
+
+def _sourced(tmp_path: Path, body: str, **env: str) -> str:
+    script = f'source "$SCRIPT" "{tmp_path / "storage"}"\n{body}'
+    env = {"PATH": "/usr/bin:/bin", "SCRIPT": str(SCRIPT), **env}
+    proc = subprocess.run(
+        ["bash", "-c", script], env=env, cwd=tmp_path, timeout=60, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_the_grids_budget_is_the_committed_tables_without_settings(tmp_path):
+    """Run with no settings, the script gives each grid the budget results/BUDGET.md records:
+    2,000 training examples per task, Tables 1-2 at the paper's per-mode learning rates and
+    Tables 3-5 at 1e-4 (before, one LR for all: the tables took two differently set runs)."""
+    body = 'printf "%s\\n" "${budget[@]}"; for g in tables_1_2_x table_3_y; do echo "$g=$(grid_lr $g)"; done'
+    out = _sourced(tmp_path, body).splitlines()
+    assert "base.data.max_train_examples=2000" in out
+    assert "tables_1_2_x=" in out and "table_3_y=base.train.lr=1e-4" in out
+    out = _sourced(tmp_path, body, LR="3e-5", EXAMPLES="500").splitlines()
+    assert "base.data.max_train_examples=500" in out
+    assert "tables_1_2_x=base.train.lr=3e-5" in out and "table_3_y=base.train.lr=3e-5" in out
