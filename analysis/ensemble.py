@@ -294,6 +294,10 @@ def average(outputs: list[Outputs]) -> Outputs:
     first = outputs[0]
     keys = list(first.values)
     for o in outputs[1:]:
+        if set(o.values) != set(keys):
+            raise AnalysisError(
+                f"members scored different splits: {sorted(set(keys) ^ set(o.values))[0]}"
+            )
         for k in keys:
             if o.ids[k] != first.ids[k]:
                 raise AnalysisError(f"members disagree on the examples of {k[0]} {k[1]}")

@@ -52,11 +52,13 @@ BATCH = 250  # bootstrap resamples scored at once (memory: batch x examples coun
 PERMUTATION_BATCH = 2000
 _TOLERANCE = 1e-12  # an interval end this close to 0 counts as 0
 _CONSTANT = 1e-12  # a variance this small relative to the mean square: a constant side
-# Fewer dev examples in common (per task and seed pair): not compared. A bootstrap resample
-# draws the union of examples, and one that draws none a seed pair shares leaves that pair's
-# metric undefined (NaN: an interval of NaN); with s shared of n that happens with probability
-# (1 - s/n)^n < e^-s per resample: about 0.5 over 9999 resamples at s = 10, 1e-9 at s = 30.
+# Runs whose dev examples only partly overlap (per task and seed pair) must share this many: a
+# bootstrap resample draws from the union of examples, and one that draws none a seed pair shares
+# leaves that pair's metric undefined (NaN: an interval of NaN); with s shared of n that happens
+# with probability (1 - s/n)^n < e^-s per resample: about 0.5 over 9999 resamples at s = 10,
+# 1e-9 at s = 30. Runs that share every example cannot meet it, and need only MIN_EXAMPLES.
 MIN_SHARED = 30
+MIN_EXAMPLES = 10  # fewer dev examples of a task: too few to compare at all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +179,8 @@ def align(
         ]
         if lacking:
             raise NotComparable(
-                f"{task.name} has no dev predictions in {', '.join(lacking)} "
-                "(the runs trained different data.tasks)"
+                f"{task.name} has no dev predictions in {', '.join(lacking)} (the runs "
+                "trained different data.tasks, or a predictions file lacks the task)"
             )
     out = []
     for task in present:
@@ -313,20 +315,24 @@ def compare(
         the number of examples per task both sides predicted (the union over seed pairs).
 
     Raises:
-        NotComparable: a task where a seed pair shares fewer than ``MIN_SHARED`` examples, or
-            that some runs predicted and others did not.
+        NotComparable: a task where a seed pair shares fewer than ``MIN_EXAMPLES`` examples,
+            or fewer than ``MIN_SHARED`` but not all of them, or that some runs predicted and
+            others did not.
         AnalysisError: no task predicted, or an example with two gold labels.
     """
     known = tasks
     tasks = align(pairs, source, known)
     if not tasks:
         raise AnalysisError(f"{source}: no task predicted")
-    shared = min(int(tp.both.sum(1).min()) for tp in tasks)
-    if shared < MIN_SHARED:
-        raise NotComparable(
-            f"only {shared} dev examples in common (the runs evaluated different dev "
-            "subsamples: a different data.max_eval_examples)"
-        )
+    for tp in tasks:
+        shared = int(tp.both.sum(1).min())
+        if shared < MIN_EXAMPLES:
+            raise NotComparable(f"{tp.task.name}: only {shared} dev examples in common")
+        if shared < min(MIN_SHARED, tp.n):
+            raise NotComparable(
+                f"{tp.task.name}: only {shared} of {tp.n} dev examples in common (the runs "
+                "evaluated different dev subsamples: a different data.max_eval_examples)"
+            )
     samples = tuple(np.arange(tp.n) for tp in tasks)
     offsets = np.cumsum([0] + [tp.n for tp in tasks])
     total = int(offsets[-1])

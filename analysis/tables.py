@@ -339,12 +339,18 @@ def compare_runs(
     resamples: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The CSV fields of one comparison ``variant - base`` (or why it could not be made)."""
+    """The CSV fields of one comparison ``variant - base`` (or why it could not be made);
+    ``unpaired``: the runs of either side without a partner (a seed only one side ran),
+    left out of the comparison."""
     pairs = seed_pairs(base, variant)
+    paired_ids = {t for _, ta, tb in pairs for t in (ta, tb)}
     record: dict[str, Any] = {
         "seeds": len(pairs),
         "base_trials": " ".join(t for _, t, _ in pairs),
         "variant_trials": " ".join(t for _, _, t in pairs),
+        "unpaired": " ".join(
+            t for side in (base, variant) for _, t in sorted(side.items()) if t not in paired_ids
+        ),
         "note": "",
     }
     frames, missing = [], []
@@ -456,8 +462,8 @@ def top_trial_comparisons(
         record.update(
             compare_runs(
                 exp,
-                {seed_a: other},
-                {seed_b: best},
+                {(seed_a, 0): other},
+                {(seed_b, 0): best},
                 f"{exp.name}: {best} vs {other}",
                 resamples,
                 seed,
@@ -481,8 +487,8 @@ def display_comparisons(
         rows.append(cells)
     notes = [
         "Each cell: the difference (left row minus right row) on the dev examples, averaged over "
-        "the seed pairs (Seeds: runs of both rows under the same seed, or in seed order where "
-        "the rows share no seed); in brackets its 95% "
+        "the seed pairs (Seeds: runs of both rows under the same seed, a seed's k-th run with "
+        "the other row's k-th, or in seed order where the rows share no seed); in brackets its 95% "
         "confidence interval from a paired bootstrap over dev examples (percentile method, both "
         "rows scored on the same resampled examples, STS Pearson recomputed on each resample); "
         "p: two-sided paired permutation test. "
@@ -497,6 +503,11 @@ def display_comparisons(
     for r in frame.to_dict("records"):
         if r.get("note"):
             notes.append(f"{r['comparison']}: not compared: {r['note']}.")
+        if isinstance(r.get("unpaired"), str) and r["unpaired"]:
+            notes.append(
+                f"{r['comparison']}: runs without a partner on the other side (a seed only "
+                f"one side ran), left out: {r['unpaired']}."
+            )
     return pd.DataFrame(rows), notes
 
 

@@ -849,6 +849,11 @@ def test_members_that_trained_different_tasks_are_refused_not_averaged_over_what
         ensemble.same_splits(members, outputs)
     with pytest.raises(AnalysisError, match="member cccc has no sts dev scores and member aaaa"):
         ensemble.same_splits([members[2], members[0]], [outputs[2], outputs[0]])
+    # average() itself refuses to average over what the members share.
+    with pytest.raises(AnalysisError, match="members scored different splits: \\('sts', 'dev'\\)"):
+        ensemble.average([outputs[2], outputs[0]])
+    with pytest.raises(AnalysisError, match="members scored different splits"):
+        ensemble.average(outputs)
 
 
 # ---------------------------------------------------------------------------------------------

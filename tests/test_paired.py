@@ -136,9 +136,18 @@ def test_a_seed_that_ran_twice_keeps_both_runs_in_the_comparison(tmp_path):
     assert sorted(base.values()) == ["a0", "a1"] and sorted(variant.values()) == ["b0", "b1"]
     record = tables.compare_runs(exp, base, variant, "repeated grid", 199, 0)
     r = {t["trial_id"]: t["best.sts_pearson"] for t in rows}
-    assert record["seeds"] == 2 and record["base_trials"] == "a0 a1"
+    assert record["seeds"] == 2 and record["base_trials"] == "a0 a1" and not record["unpaired"]
     want = (r["b0"] - r["a0"] + r["b1"] - r["a1"]) / 2
     assert record["sts_pearson_diff"] == pytest.approx(want, abs=1e-12)
+    # A run the other side has no partner for is left out, and named.
+    record = tables.compare_runs(exp, base, {(0, 0): "b0"}, "one side twice", 199, 0)
+    assert record["seeds"] == 1 and record["unpaired"] == "a1"
+    assert record["sts_pearson_diff"] == pytest.approx(r["b0"] - r["a0"], abs=1e-12)
+    _, notes = tables.display_comparisons(pd.DataFrame([record | {"comparison": "b − a"}]), False)
+    assert (
+        "b − a: runs without a partner on the other side (a seed only one side ran), left out: a1."
+        in notes
+    )
 
 
 @pytest.mark.parametrize("shared", [10, paired.MIN_SHARED - 1, paired.MIN_SHARED])
@@ -159,8 +168,30 @@ def test_a_seed_pair_sharing_few_examples_is_refused_before_its_interval_can_be_
     few = b.iloc[n - shared :]  # the last `shared` examples only
     pairs = [(a, b), (a, few)]
     if shared < paired.MIN_SHARED:
-        with pytest.raises(paired.NotComparable, match=f"only {shared} dev examples in common"):
+        with pytest.raises(paired.NotComparable, match=f"sts: only {shared} of {n} dev examples"):
             paired.compare(pairs, "few", resamples=9999)
         return
     results, _ = paired.compare(pairs, "enough", resamples=9999)
     assert all(np.isfinite([c.difference, c.low, c.high, c.p_value]).all() for c in results)
+
+
+@pytest.mark.parametrize("n", [paired.MIN_EXAMPLES - 1, paired.MIN_EXAMPLES, 24])
+def test_runs_that_share_every_example_need_only_min_examples(tmp_path, n):
+    """With the same dev examples on both sides no resample can miss them: a small dev set
+    (every run on the same max_eval_examples) is compared; below MIN_EXAMPLES it is refused."""
+    rng = np.random.default_rng(4)
+    ids = [f"e{i}" for i in range(n)]
+    gold = rng.uniform(0, 5, n).round(1)
+    a, b = (
+        paired.read_dev_predictions(
+            _write(tmp_path / f"{k}.csv", _sts_rows(ids, gold + rng.normal(0, s, n), gold))
+        )
+        for k, s in (("a", 1.0), ("b", 0.5))
+    )
+    if n < paired.MIN_EXAMPLES:
+        with pytest.raises(paired.NotComparable, match=f"sts: only {n} dev examples in common$"):
+            paired.compare([(a, b), (a, b)], "tiny", resamples=199)
+        return
+    results, examples = paired.compare([(a, b), (a, b)], "small", resamples=199)
+    assert examples == {"sts": n}
+    assert all(np.isfinite([c.low, c.high]).all() for c in results)
