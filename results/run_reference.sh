@@ -8,7 +8,9 @@
 #   checkpoints; only tables, plots, reports and predictions are kept here. EXAMPLES (training
 #   examples per task, default 2000), EPOCHS (default 2), LR (one fixed learning rate for every
 #   grid; default: see grid_lr below) and GRIDS (default: all four) set the grids' budget;
-#   results/BUDGET.md records what each committed table ran with. PARTS (default
+#   results/BUDGET.md records what each committed table ran with. A grid folder made with other
+#   settings resumes only with the same ones (--resume refuses a changed design space): grids made
+#   before 2,000 became the default need EXAMPLES=1000 (and the LR they ran with). PARTS (default
 #   "quick grids") picks what runs: quick (quick.yaml and its ensemble), grids, and/or
 #   full (search_spaces/full_cpu.yaml on all the local data, hours on 2 cores, then its greedy
 #   ensemble; its own budget is in the file, not the grids' --set overrides).
@@ -62,7 +64,15 @@ search() {  # search FILE NAME [extra --set ...]
   python -m analysis.tables "$storage/$name" --out "results/$name"
 }
 
-# Sourced (tests/test_run_reference.py): the settings and search() above, nothing run.
+run_grids() {  # run_grids GRID...: each grid's search at the budget above and its learning rate
+  local grid lr
+  for grid in "$@"; do
+    lr=$(grid_lr "$grid")
+    search "search_spaces/ablations/$grid.yaml" "$grid" "${budget[@]}" ${lr:+--set "$lr"}
+  done
+}
+
+# Sourced (tests/test_run_reference.py): the settings and functions above, nothing run.
 (return 0 2>/dev/null) && return 0
 
 grids=${GRIDS:-tables_1_2_design_mode_routine table_3_design_smart table_4_design_routine_pal \
@@ -72,10 +82,8 @@ if [[ " $parts " == *" quick "* ]]; then
   search search_spaces/quick.yaml quick --set "experiment.storage_path=$storage"
 fi
 if [[ " $parts " == *" grids "* ]]; then
-  for grid in $grids; do
-    lr=$(grid_lr "$grid")
-    search "search_spaces/ablations/$grid.yaml" "$grid" "${budget[@]}" ${lr:+--set "$lr"}
-  done
+  # shellcheck disable=SC2086  # $grids: a list of names
+  run_grids $grids
 fi
 if [[ " $parts " == *" full "* ]]; then
   search search_spaces/full_cpu.yaml full-cpu --set "experiment.storage_path=$storage"

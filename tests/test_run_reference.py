@@ -82,10 +82,10 @@ def _sourced(tmp_path: Path, body: str, **env: str) -> str:
     return proc.stdout
 
 
-def test_the_grids_budget_is_the_committed_tables_without_settings(tmp_path):
-    """Run with no settings, the script gives each grid the budget results/BUDGET.md records:
-    2,000 training examples per task, Tables 1-2 at the paper's per-mode learning rates and
-    Tables 3-5 at 1e-4 (before, one LR for all: the tables took two differently set runs)."""
+def test_the_grids_budget_needs_no_settings(tmp_path):
+    """Run with no settings, the script gives each grid the budget of the issue-17 reference
+    grids: 2,000 training examples per task, Tables 1-2 at the paper's per-mode learning rates
+    and Tables 3-5 at 1e-4 (before, one LR for all: the tables took two differently set runs)."""
     body = 'printf "%s\\n" "${budget[@]}"; for g in tables_1_2_x table_3_y; do echo "$g=$(grid_lr $g)"; done'
     out = _sourced(tmp_path, body).splitlines()
     assert "base.data.max_train_examples=2000" in out
@@ -93,3 +93,19 @@ def test_the_grids_budget_is_the_committed_tables_without_settings(tmp_path):
     out = _sourced(tmp_path, body, LR="3e-5", EXAMPLES="500").splitlines()
     assert "base.data.max_train_examples=500" in out
     assert "tables_1_2_x=base.train.lr=3e-5" in out and "table_3_y=base.train.lr=3e-5" in out
+
+
+def test_each_grid_search_gets_its_learning_rate(tmp_path):
+    """run_grids, the loop the script runs, passes grid_lr's setting to mtl.search."""
+    calls = tmp_path / "calls.txt"
+    body = (
+        'python() { echo "$*" >> "$CALLS"; '
+        'if [ "$2" = mtl.search ]; then mkdir -p "$STORAGE/${8#experiment.name=}"; fi; }\n'
+        "run_grids tables_1_2_design_mode_routine table_3_design_smart\n"
+    )
+    storage = tmp_path / "storage"
+    _sourced(tmp_path, body, CALLS=str(calls), STORAGE=str(storage))
+    searches = [c for c in calls.read_text().splitlines() if c.startswith("-m mtl.search")]
+    assert len(searches) == 2
+    assert "base.train.lr" not in searches[0] and "experiment.name=tables_1_2" in searches[0]
+    assert searches[1].endswith("--set base.train.lr=1e-4")
