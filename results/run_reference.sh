@@ -53,15 +53,22 @@ search() {  # search FILE NAME [extra --set ...]
   # search's own exit status says it finished: 0, recorded here as a marker file; 1 (interrupted)
   # stops this script (set -e) and the next run resumes. A finished search without the marker
   # (made before it existed) resumes to nothing and gets it.
-  if [ -f "$storage/$name/reference-complete" ]; then
-    :
-  elif [ -d "$storage/$name" ]; then
-    python -m mtl.search "${args[@]}" --resume
-  else
-    python -m mtl.search "${args[@]}"
+  if [ ! -f "$storage/$name/reference-complete" ]; then
+    if [ -d "$storage/$name" ]; then
+      python -m mtl.search "${args[@]}" --resume
+    else
+      python -m mtl.search "${args[@]}"
+    fi
+    touch "$storage/$name/reference-complete"
   fi
-  touch "$storage/$name/reference-complete"
-  python -m analysis.tables "$storage/$name" --out "results/$name"
+  analysed "$name" || python -m analysis.tables "$storage/$name" --out "results/$name"
+}
+
+# Whether results/NAME holds the analysis of the finished search: its report.md was written after
+# the search completed. A rerun after an interruption then does not redo the bootstrap tables of
+# every grid that had finished (minutes each); remove results/NAME to have them made again.
+analysed() {  # analysed NAME
+  [ "results/$1/report.md" -nt "$storage/$1/reference-complete" ]
 }
 
 run_grids() {  # run_grids GRID...: each grid's search at the budget above and its learning rate
@@ -106,6 +113,6 @@ if [[ " $parts " == *" quick "* ]]; then
 fi
 if [[ " $parts " == *" grids "* ]]; then
   for grid in $grids; do
-    python -m analysis.report "$storage/$grid" --out "results/$grid"
+    analysed "$grid" || python -m analysis.report "$storage/$grid" --out "results/$grid"
   done
 fi

@@ -7,6 +7,8 @@ status is the one ``mtl.search`` gives (0 finished, 1 interrupted; see ``mtl.sea
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -109,3 +111,29 @@ def test_each_grid_search_gets_its_learning_rate(tmp_path):
     assert len(searches) == 2
     assert "base.train.lr" not in searches[0] and "experiment.name=tables_1_2" in searches[0]
     assert searches[1].endswith("--set base.train.lr=1e-4")
+
+
+def test_a_finished_search_is_not_analysed_again_once_its_report_is_newer(tmp_path):
+    """A rerun after an interruption redid the bootstrap tables of every grid that had finished
+    (minutes each); they are made again only if the search finished after its report."""
+    name = f"exp-{tmp_path.name}"  # results/NAME is the repo's own folder: a name of this test's
+    report = REPO / "results" / name / "report.md"
+    calls = tmp_path / "calls.txt"
+    storage = tmp_path / "storage"
+    (storage / name).mkdir(parents=True)
+    marker = storage / name / "reference-complete"
+    marker.touch()
+    body = 'python() { echo "$*" >> "$CALLS"; }\n' + f"search search_spaces/quick.yaml {name}\n"
+    try:
+        _sourced(tmp_path, body, CALLS=str(calls))
+        assert [c.split()[1] for c in calls.read_text().splitlines()] == ["analysis.tables"]
+        report.parent.mkdir()
+        report.write_text("made after the search finished\n")
+        calls.write_text("")
+        _sourced(tmp_path, body, CALLS=str(calls))
+        assert calls.read_text() == ""  # nothing searched, nothing analysed
+        os.utime(report, (marker.stat().st_mtime - 60,) * 2)  # the search finished after it
+        _sourced(tmp_path, body, CALLS=str(calls))
+        assert [c.split()[1] for c in calls.read_text().splitlines()] == ["analysis.tables"]
+    finally:
+        shutil.rmtree(report.parent, ignore_errors=True)
