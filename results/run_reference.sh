@@ -71,6 +71,14 @@ analysed() {  # analysed NAME
   [ "results/$1/report.md" -nt "$storage/$1/reference-complete" ]
 }
 
+analyse_search() {  # analyse_search NAME ENSEMBLE_ARGS...: importance, ensemble, report, once
+  local name=$1; shift
+  analysed "$name" && return 0
+  python -m analysis.importance "$storage/$name" --out "results/$name"
+  python -m analysis.ensemble "$storage/$name" "$@" --out "results/$name"
+  python -m analysis.report "$storage/$name" --out "results/$name"
+}
+
 run_grids() {  # run_grids GRID...: each grid's search at the budget above and its learning rate
   local grid lr
   for grid in "$@"; do
@@ -94,22 +102,13 @@ if [[ " $parts " == *" grids "* ]]; then
 fi
 if [[ " $parts " == *" full "* ]]; then
   search search_spaces/full_cpu.yaml full-cpu --set "experiment.storage_path=$storage"
-  if [ ! -f results/full-cpu/ensemble/ensemble.json ]; then
-    python -m analysis.importance "$storage/full-cpu" --out results/full-cpu
-    # The top 3 completed trials (fewer if ASHA let fewer finish) and their seed repeats.
-    k=$(python -c "import pandas as p, sys; r = p.read_csv(sys.argv[1]); \
+  # The top 3 completed trials (fewer if ASHA let fewer finish) and their seed repeats.
+  k=$(python -c "import pandas as p, sys; r = p.read_csv(sys.argv[1]); \
 print(min(3, int((r.status == 'completed').sum())))" "$storage/full-cpu/results.csv")
-    python -m analysis.ensemble "$storage/full-cpu" --top-k "$k" --with-repeats --greedy \
-      --out results/full-cpu
-    python -m analysis.report "$storage/full-cpu" --out results/full-cpu
-  fi
+  analyse_search full-cpu --top-k "$k" --with-repeats --greedy
 fi
 if [[ " $parts " == *" quick "* ]]; then
-  if [ ! -f results/quick/ensemble/ensemble.json ]; then
-    python -m analysis.importance "$storage/quick" --out results/quick
-    python -m analysis.ensemble "$storage/quick" --top-k 3 --out results/quick
-    python -m analysis.report "$storage/quick" --out results/quick
-  fi
+  analyse_search quick --top-k 3
 fi
 if [[ " $parts " == *" grids "* ]]; then
   for grid in $grids; do

@@ -137,3 +137,31 @@ def test_a_finished_search_is_not_analysed_again_once_its_report_is_newer(tmp_pa
         assert [c.split()[1] for c in calls.read_text().splitlines()] == ["analysis.tables"]
     finally:
         shutil.rmtree(report.parent, ignore_errors=True)
+
+
+def test_a_rerun_search_gets_its_importance_ensemble_and_report_again(tmp_path):
+    """quick's and full-cpu's analyses were skipped whenever results/NAME/ensemble/ensemble.json
+    existed, so a search run again kept the old run's ensemble and report; they follow the same
+    rule as the grids now: made again only if the search finished after its report."""
+    name = f"exp-{tmp_path.name}"
+    report = REPO / "results" / name / "report.md"
+    (REPO / "results" / name / "ensemble").mkdir(parents=True)
+    try:
+        (REPO / "results" / name / "ensemble" / "ensemble.json").write_text("{}")
+        report.write_text("the previous run's\n")
+        marker = tmp_path / "storage" / name / "reference-complete"
+        marker.parent.mkdir(parents=True)
+        marker.touch()
+        os.utime(report, (marker.stat().st_mtime - 60,) * 2)  # the search finished after it
+        calls = tmp_path / "calls.txt"
+        body = 'python() { echo "$*" >> "$CALLS"; }\n' + f"analyse_search {name} --top-k 3\n"
+        _sourced(tmp_path, body, CALLS=str(calls))
+        made = [c.split()[1] for c in calls.read_text().splitlines()]
+        assert made == ["analysis.importance", "analysis.ensemble", "analysis.report"]
+        assert "--top-k 3 --out results/" in calls.read_text().splitlines()[1]
+        report.touch()  # now the report is the newer
+        calls.write_text("")
+        _sourced(tmp_path, body, CALLS=str(calls))
+        assert calls.read_text() == ""
+    finally:
+        shutil.rmtree(report.parent, ignore_errors=True)
